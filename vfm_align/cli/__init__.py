@@ -1,0 +1,49 @@
+"""The ``vfm-align`` command: argument parsing only; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vfm_align.errors import VfmAlignError
+
+# Subcommand modules, in the order --help lists them. Each has `register(subparsers)` which adds
+# its parser and sets `func(args) -> int`.
+_COMMANDS = (
+    "vfm_align.cli.convert",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vfm-align",
+        description="Port, fine-tune and score prostate-MRI foundation models (ProFound, ProViCNet) in JAX.",
+    )
+    from vfm_align import __version__
+
+    parser.add_argument("--version", action="version", version=f"vfm-align {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except VfmAlignError as exc:
+        print(f"vfm-align {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vfm-align {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The few building blocks shared by several networks, with the reference numerics made explicit.
+
+Flax defaults differ from PyTorch's in ways that silently break parity (tanh GELU, fast
+variance, BatchNorm momentum, antialiased resizes); every constructor here takes the
+reference value instead of relying on a library default.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as torch's nn.GELU() computes it."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm over the last axis with torch semantics (two-pass variance, explicit eps)."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+def batch_norm(dim: int, *, eps: float = 1e-5, torch_momentum: float = 0.1, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm with torch semantics: running stats at eval, momentum converted (flax = 1 - torch)."""
+    return nnx.BatchNorm(dim, epsilon=eps, momentum=1.0 - torch_momentum, use_running_average=True,
+                         use_fast_variance=False, rngs=rngs)
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2 (timm / DINOv2 layout)."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with torch's fused qkv layout.
+
+    ``qkv`` is one Dense(dim -> 3*dim) whose output splits as (3, heads, head_dim), exactly the
+    row order of torch's ``attn.qkv.weight``; ``proj`` is the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, rngs=rngs)
+        self.proj = nnx.Linear(dim, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(n, t, 3, h, d // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, Dh)
+        out = jax.nn.dot_product_attention(q, k, v)
+        return self.proj(out.reshape(n, t, d))
