@@ -18,6 +18,7 @@ from vfm_align.errors import ConversionError
 # One key-map module per model family. Each exposes ARCHS (names), detect(state_dict) -> arch or
 # None, and convert(state_dict, extras, arch, source, **config) -> (model, info dict).
 _KEYMAPS = (
+    "converters.profound_mae",
 )
 
 
