@@ -19,6 +19,7 @@ from vfm_align.errors import ConversionError
 # None, and convert(state_dict, extras, arch, source, **config) -> (model, info dict).
 _KEYMAPS = (
     "converters.profound_mae",
+    "converters.provicnet",
 )
 
 

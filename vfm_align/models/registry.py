@@ -13,6 +13,8 @@ from vfm_align.errors import ConfigError
 # arch name -> module that registers it on import. Each model module adds its own names here.
 _ARCH_MODULES: dict[str, str] = {
     "profound_mae_vit": "vfm_align.models.mae_vit3d",
+    "provicnet": "vfm_align.models.provicnet",
+    "provicnet_fusion": "vfm_align.models.provicnet",
 }
 
 _REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module]]] = {}
