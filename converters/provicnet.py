@@ -216,6 +216,7 @@ def convert(sd: dict, extras: dict, arch: str, source: str, **config):
     else:
         raise ConversionError(f"{source}: arch '{arch}' is not a ProViCNet architecture {ARCHS}")
     report = r.finish()  # one error listing every missing, mis-shaped or unexpected key
-    model = build(cfg, rngs=nnx.Rngs(0))
+    # Abstract build: no random init (and no per-shape init compiles), every leaf gets a weight.
+    model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     assign(model, params, source)
     return model, {"config": cfg, **report}
