@@ -154,11 +154,11 @@ def read_manifest(path: str | os.PathLike, *, classes: dict | None = None, skip_
             cases.append(Case(case_id=cid, split=split, paths=paths, labels=labels))
     cohort = Cohort(manifest=path, cases=cases, classes=declared, skipped=bad)
     if bad and not skip_bad:
-        raise DataError(_summarise(bad))
+        raise DataError(summarise_bad(bad))
     return cohort
 
 
-def _summarise(bad) -> str:
+def summarise_bad(bad) -> str:
     head = f"{len(bad)} bad case(s); fix them or pass skip_bad=True to leave them out:\n  "
     return head + "\n  ".join(reason for _, reason in bad)
 
@@ -178,16 +178,22 @@ def load_case(case: Case, classes: dict | None = None) -> dict:
         check_same_grid(vols)
     except DataError as exc:
         raise DataError(f"case '{case.case_id}': {exc}") from exc
+    check_masks(case, vols, classes)
+    return vols
+
+
+def check_masks(case: Case, vols: dict, classes: dict | None = None) -> None:
+    """Raise DataError unless each mask holds integers within its declared classes; cast to uint8."""
+    classes = {**DEFAULT_CLASSES, **(classes or {})}
     for name in MASKS:
         if name not in vols:
             continue
         data = vols[name].data
         if not np.allclose(data, np.rint(data)):
             raise DataError(f"case '{case.case_id}': {vols[name].path}: {name} mask has non-integer values")
-        values = np.unique(data.astype(np.int64))
+        values = np.unique(np.rint(data).astype(np.int64))
         extra = sorted(set(values.tolist()) - set(classes[name]))
         if extra:
             raise DataError(f"case '{case.case_id}': {vols[name].path}: {name} mask has values {extra} outside "
                             f"declared classes {list(classes[name])}")
-        vols[name].data = data.astype(np.uint8)
-    return vols
+        vols[name].data = np.rint(data).astype(np.uint8)

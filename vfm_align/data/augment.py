@@ -1,0 +1,99 @@
+"""Host-side augmentations in the spirit of the reference fine-tuning recipes, driven by a numpy Generator.
+
+ProFound fine-tuning flips left-right, rotates (p=0.3, up to 10 degrees), zooms (p=0.3, 0.9-1.1)
+and scales/shifts intensities (p=0.8, +-0.1); ProViCNet adds Gaussian noise. Here the rotation and
+zoom act in-plane (the slice axis is 3-6x coarser than the in-plane one), images are interpolated
+linearly and masks with nearest neighbour, and the same draw applies to image and masks.
+Everything is a pure function of the sample and the generator, so a seed fixes the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+SPATIAL = ("gland", "lesion")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip_p: float = 0.5
+    rotate_p: float = 0.3
+    max_rotate_deg: float = 10.0
+    zoom_p: float = 0.3
+    zoom_range: tuple = (0.9, 1.1)
+    scale_p: float = 0.8
+    scale: float = 0.1
+    shift_p: float = 0.8
+    shift: float = 0.1
+    noise_p: float = 0.2
+    noise_std: float = 0.05
+
+
+def _inplane_affine(sample: dict, angle_rad: float, zoom: float) -> dict:
+    """Rotate by ``angle`` and zoom by ``zoom`` about the centre of each (H, W) slice."""
+    d, h, w = np.shape(sample["gland"])
+    c, s = np.cos(angle_rad), np.sin(angle_rad)
+    mat = np.array([[1.0, 0, 0], [0, c / zoom, -s / zoom], [0, s / zoom, c / zoom]])
+    center = np.array([(d - 1) / 2, (h - 1) / 2, (w - 1) / 2])
+    offset = center - mat @ center
+    out = dict(sample)
+    img = np.asarray(sample["image"], np.float32)
+    out["image"] = np.stack([ndimage.affine_transform(img[..., k], mat, offset, order=1, mode="constant")
+                             for k in range(img.shape[-1])], axis=-1)
+    for m in SPATIAL:
+        out[m] = ndimage.affine_transform(np.asarray(sample[m]), mat, offset, order=0, mode="constant")
+    return out
+
+
+def augment(sample: dict, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> dict:
+    """Return an augmented copy of ``sample`` (image (D, H, W, C), gland, lesion)."""
+    out = dict(sample)
+    img = np.array(sample["image"], np.float32)
+    masks = {m: np.asarray(sample[m]) for m in SPATIAL}
+    if rng.uniform() < cfg.flip_p:  # left-right (W) flip; the anatomy is near-symmetric
+        img = img[:, :, ::-1]
+        masks = {m: a[:, :, ::-1] for m, a in masks.items()}
+    out.update(image=np.ascontiguousarray(img), **{m: np.ascontiguousarray(a) for m, a in masks.items()})
+    angle = np.deg2rad(rng.uniform(-cfg.max_rotate_deg, cfg.max_rotate_deg)) if rng.uniform() < cfg.rotate_p else 0.0
+    zoom = rng.uniform(*cfg.zoom_range) if rng.uniform() < cfg.zoom_p else 1.0
+    if angle != 0.0 or zoom != 1.0:
+        out = _inplane_affine(out, angle, zoom)
+    img = out["image"]
+    nch = img.shape[-1]
+    scale = np.where(rng.uniform(size=nch) < cfg.scale_p, 1.0 + rng.uniform(-cfg.scale, cfg.scale, nch), 1.0)
+    shift = np.where(rng.uniform(size=nch) < cfg.shift_p, rng.uniform(-cfg.shift, cfg.shift, nch), 0.0)
+    img = img * scale.astype(np.float32) + shift.astype(np.float32)
+    if rng.uniform() < cfg.noise_p:
+        img = img + rng.normal(0.0, rng.uniform(0, cfg.noise_std), img.shape).astype(np.float32)
+    out["image"] = img.astype(np.float32)
+    return out
+
+
+def crop_or_pad(sample: dict, shape, rng: np.random.Generator | None = None) -> dict:
+    """Bring image and masks to ``shape`` (D, H, W): centre crop/zero-pad, or a random crop when
+    ``rng`` is given."""
+    cur = np.shape(sample["gland"])
+    if tuple(cur) == tuple(shape):
+        return sample
+    src, dst = [], []
+    for n, m in zip(cur, shape):
+        if n >= m:
+            start = int(rng.integers(0, n - m + 1)) if rng is not None else (n - m) // 2
+            src.append(slice(start, start + m))
+            dst.append(slice(0, m))
+        else:
+            pad = (m - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(pad, pad + n))
+    out = dict(sample)
+    img = np.zeros(tuple(shape) + (np.shape(sample["image"])[-1],), np.float32)
+    img[tuple(dst)] = np.asarray(sample["image"])[tuple(src)]
+    out["image"] = img
+    for m in SPATIAL:
+        a = np.zeros(tuple(shape), np.uint8)
+        a[tuple(dst)] = np.asarray(sample[m])[tuple(src)]
+        out[m] = a
+    return out
