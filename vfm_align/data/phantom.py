@@ -323,7 +323,7 @@ def make_phantom(out: str | os.PathLike, cases: int = 200, *, shape=(32, 96, 96)
                 return manifest
         if not overwrite:
             raise DataError(f"{out}: exists and is not this phantom (cases={cases}, seed={seed}, shape={cfg.shape}); "
-                            "choose another --out or pass overwrite")
+                            "choose another output folder or overwrite it (--overwrite)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".phantom-tmp-", dir=parent)
