@@ -1,0 +1,115 @@
+"""Loader: batch layout, seeded shuffling and augmentation, per-process shards, eval order."""
+
+import numpy as np
+import pytest
+
+from vfm_align.data.augment import AugmentConfig, _inplane_affine, augment, crop_or_pad
+from vfm_align.data.cache import PreprocessCache, Recipe
+from vfm_align.data.cohort import read_manifest
+from vfm_align.data.loader import Loader
+from vfm_align.data.phantom import make_phantom
+from vfm_align.data.tasks import get_task
+from vfm_align.errors import DataError
+
+SHAPE = (16, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    manifest = make_phantom(root / "ph", 10, shape=SHAPE, seed=5, workers=1, progress=False)
+    cohort = read_manifest(manifest)
+    cache = PreprocessCache(root / "cache", Recipe())
+    cohort = cache.build(cohort)
+    return cohort, cache
+
+
+def _loader(setup, task="segmentation", **kw):
+    cohort, cache = setup
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return Loader(cohort.cases, cache, get_task(task), batch_size=kw.pop("batch_size", 3), **kw)
+
+
+def _ids(loader, epoch=0):
+    return [cid for b in loader.epoch(epoch) for cid in b["case_id"].tolist()]
+
+
+def test_batch_layout(setup):
+    b = next(_loader(setup, "distortion_correction").epoch(0))
+    assert b["image"].shape == (3,) + SHAPE + (3,) and b["image"].dtype == np.float32
+    assert b["target"].shape == (3,) + SHAPE + (2,)
+    assert b["gland"].shape == (3,) + SHAPE and b["gland"].dtype == np.int32
+    assert b["case_id"].shape == (3,)
+    c = next(_loader(setup, "classification").epoch(0))
+    assert c["target"].shape == (3,) and set(c["target"].tolist()) <= {0, 1}
+
+
+def test_seeded_shuffle_and_augmentation_are_deterministic(setup):
+    a = list(_loader(setup, seed=1).epoch(0))
+    b = list(_loader(setup, seed=1).epoch(0))
+    assert len(a) == 3  # 10 cases, batch 3, remainder dropped when training
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    ids0 = _ids(_loader(setup, seed=1), 0)
+    assert ids0 != _ids(_loader(setup, seed=1), 1)  # a new order each epoch
+    assert ids0 != _ids(_loader(setup, seed=2), 0)
+    full = _ids(_loader(setup, seed=1, drop_remainder=False), 0)
+    assert sorted(full) == sorted(c.case_id for c in setup[0].cases)  # every case exactly once
+
+
+def test_per_process_shards_are_disjoint_and_cover(setup):
+    shards = [_ids(_loader(setup, seed=3, batch_size=1, process_index=i, process_count=2), 4) for i in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(c.case_id for c in setup[0].cases)
+    with pytest.raises(DataError, match="cannot be sharded"):
+        _loader(setup, process_index=0, process_count=11)
+
+
+def test_eval_mode_keeps_order_and_values(setup):
+    cohort, cache = setup
+    loader = _loader(setup, "classification", train=False, batch_size=4)
+    batches = list(loader.epoch(0))
+    assert [len(b["case_id"]) for b in batches] == [4, 4, 2]
+    assert _ids(loader) == [c.case_id for c in cohort.cases]
+    np.testing.assert_array_equal(batches[0]["image"][1], cache.get(cohort.cases[1])["image"])
+    np.testing.assert_array_equal(batches[0]["target"], [c.labels["cspca"] for c in cohort.cases[:4]])
+
+
+def test_flip_moves_image_and_masks_together(setup):
+    cohort, cache = setup
+    arrays = cache.get(cohort.cases[0])
+    s = {**arrays, "case_id": "x"}
+    only_flip = AugmentConfig(flip_p=1.0, rotate_p=0, zoom_p=0, scale_p=0, shift_p=0, noise_p=0)
+    out = augment(s, np.random.default_rng(0), only_flip)
+    np.testing.assert_array_equal(out["image"], arrays["image"][:, :, ::-1])
+    np.testing.assert_array_equal(out["gland"], arrays["gland"][:, :, ::-1])
+    np.testing.assert_array_equal(out["lesion"], arrays["lesion"][:, :, ::-1])
+    # Intensity scale/shift only: a per-channel affine map of the input.
+    only_int = AugmentConfig(flip_p=0, rotate_p=0, zoom_p=0, scale_p=1, shift_p=1, noise_p=0)
+    o = augment(s, np.random.default_rng(1), only_int)["image"]
+    for c in range(3):
+        slope, icpt = np.polyfit(arrays["image"][..., c].ravel(), o[..., c].ravel(), 1)
+        assert 0.9 <= slope <= 1.1 and -0.1 <= icpt <= 0.1
+        np.testing.assert_allclose(o[..., c], slope * arrays["image"][..., c] + icpt, atol=1e-4)
+
+
+def test_inplane_rotation_by_90_degrees_is_a_rot90():
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 3, size=(4, 9, 9)).astype(np.uint8)
+    s = {"image": g[..., None].astype(np.float32), "gland": g, "lesion": g}
+    out = _inplane_affine(s, np.pi / 2, 1.0)
+    assert any(np.array_equal(out["gland"], np.rot90(g, k, axes=(1, 2))) for k in (1, 3))
+    np.testing.assert_allclose(out["image"][..., 0], out["gland"], atol=1e-6)
+
+
+def test_crop_or_pad():
+    s = {"image": np.ones((4, 6, 6, 3), np.float32), "gland": np.ones((4, 6, 6), np.uint8),
+         "lesion": np.zeros((4, 6, 6), np.uint8)}
+    out = crop_or_pad(s, (6, 4, 6))
+    assert out["image"].shape == (6, 4, 6, 3) and out["gland"].shape == (6, 4, 6)
+    assert out["gland"][0].sum() == 0 and out["gland"][1:5].all()  # padded one slice each side
+    r = crop_or_pad(s, (4, 4, 4), np.random.default_rng(0))
+    assert r["image"].shape == (4, 4, 4, 3)
