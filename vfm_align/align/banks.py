@@ -1,0 +1,161 @@
+"""Feature banks: features of a model over a cohort, stored as an on-disk float32 .npy plus a JSON sidecar.
+
+A bank is (rows, width) float32, C-ordered, written through ``np.lib.format.open_memmap`` so it is
+never held in memory, and read back memory-mapped. Token sites (N, T, E) are flattened to N*T
+rows, input-major. The sidecar (``<bank>.json``) records the site, shape, per-input row count and
+the caller's provenance (model, checkpoint, cohort, ...). Both files are written under temporary
+names and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vfm_align.errors import DataError
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Bank:
+    """An opened bank: ``data`` is a read-only memmap (rows, width); ``provenance`` is the sidecar dict."""
+
+    data: np.ndarray
+    provenance: dict
+    path: str
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+def sidecar_path(path: str | os.PathLike) -> str:
+    root, _ = os.path.splitext(os.fspath(path))
+    return root + ".json"
+
+
+def _rows(feats: dict, site: str, batch_index: int) -> np.ndarray:
+    if site not in feats:
+        raise DataError(f"feature site '{site}' not produced by the model (available: {', '.join(sorted(feats))})")
+    a = np.asarray(feats[site], dtype=np.float32)
+    if a.ndim == 3:  # (N, T, E) tokens -> N*T rows
+        a = a.reshape(-1, a.shape[-1])
+    if a.ndim != 2:
+        raise DataError(f"feature site '{site}': expected (N, E) or (N, T, E), got shape {a.shape} in batch {batch_index}")
+    if not np.isfinite(a).all():
+        raise DataError(f"feature site '{site}': non-finite value (NaN or inf) in batch {batch_index}")
+    return a
+
+
+def extract_bank(feature_fn: Callable[[Any], dict], batches: Iterable, path: str | os.PathLike, *, site: str = "pooled",
+                 provenance: dict | None = None, num_rows: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> Bank:
+    """Run ``feature_fn`` over ``batches`` and write the ``site`` features to the bank ``path`` (.npy).
+
+    ``num_rows`` (total rows, when known) lets the bank be written in place; otherwise rows are
+    appended to a scratch file and copied into the .npy once the count is known. Returns the
+    opened bank.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(".npy"):
+        raise DataError(f"{path}: a bank path must end in .npy")
+    side = sidecar_path(path)
+    if not overwrite and (os.path.exists(path) or os.path.exists(side)):
+        raise DataError(f"{path}: bank already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".npy", dir=parent)
+    os.close(fd)
+    raw = tmp + ".raw"
+    total = 0
+    width = None
+    rows_per_input = None
+    out = None
+    try:
+        total_batches = len(batches) if hasattr(batches, "__len__") else None
+        with open(raw, "wb") if num_rows is None else contextlib.nullcontext() as sink:
+            for b, batch in enumerate(tqdm(batches, total=total_batches, desc=f"bank {site}", unit="batch",
+                                           disable=not progress)):
+                feats = feature_fn(batch)
+                raw_site = np.shape(feats.get(site, ())) if isinstance(feats, dict) else ()
+                a = _rows(feats, site, b)
+                if width is None:
+                    width = a.shape[1]
+                    rows_per_input = int(raw_site[1]) if len(raw_site) == 3 else 1
+                    if num_rows is not None:
+                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, width))
+                elif a.shape[1] != width:
+                    raise DataError(f"feature site '{site}': width changed from {width} to {a.shape[1]} in batch {b}")
+                if num_rows is None:
+                    sink.write(np.ascontiguousarray(a).tobytes())
+                else:
+                    if total + len(a) > num_rows:
+                        raise DataError(f"bank {path}: more rows than num_rows={num_rows} (batch {b})")
+                    out[total:total + len(a)] = a
+                total += len(a)
+        if total == 0:
+            raise DataError(f"bank {path}: no features were produced (empty batch iterator?)")
+        if num_rows is None:
+            src = np.memmap(raw, dtype=np.float32, mode="r", shape=(total, width))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, width))
+            step = max(1, (64 << 20) // (4 * width))
+            for s in range(0, total, step):
+                out[s:s + step] = src[s:s + step]
+            del src
+        elif total != num_rows:
+            raise DataError(f"bank {path}: produced {total} rows, expected num_rows={num_rows}")
+        out.flush()
+        del out
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "site": site,
+            "shape": [total, width],
+            "dtype": "float32",
+            "rows_per_input": rows_per_input,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "provenance": provenance or {},
+        }
+        side_tmp = tmp + ".json"
+        with open(side_tmp, "w") as fh:
+            json.dump(meta, fh, indent=1, default=repr)
+        os.replace(tmp, path)
+        os.replace(side_tmp, side)
+    finally:
+        for p in (raw, tmp, tmp + ".json"):
+            if os.path.exists(p):
+                os.remove(p)
+    return open_bank(path)
+
+
+def open_bank(path: str | os.PathLike) -> Bank:
+    """Open a bank memory-mapped (read-only); the sidecar is optional for plain .npy files."""
+    path = os.fspath(path)
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: bank not found") from None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npy bank ({exc})") from None
+    if data.ndim != 2:
+        raise DataError(f"{path}: a bank must be 2-D (rows, width), got shape {data.shape}")
+    if data.shape[0] == 0:
+        raise DataError(f"{path}: bank is empty")
+    if data.dtype != np.float32:
+        raise DataError(f"{path}: a bank must be float32, got {data.dtype}")
+    side = sidecar_path(path)
+    prov = {}
+    if os.path.exists(side):
+        try:
+            with open(side) as fh:
+                prov = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{side}: unreadable bank sidecar ({exc})") from None
+    return Bank(data=data, provenance=prov, path=os.path.abspath(path))

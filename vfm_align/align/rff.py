@@ -1,0 +1,202 @@
+"""Random Fourier feature MMD^2: paired cos/sin features, streamed in chunks and optionally sharded.
+
+z(x) = [cos(W^T x), sin(W^T x)] / sqrt(F) per bandwidth, with F = ``num_features`` frequencies per
+bandwidth (so 2F outputs and ||z(x)||^2 = 1 exactly; several bandwidths concatenate blocks, giving
+the sum of kernels). MMD^2 needs only the column sums Sx, Sy, which are accumulated chunk by chunk
+(float32 on the device within a chunk, float64 across chunks on the host), so a bank may be a
+``np.memmap`` that never fits in memory. With a ``mesh`` the rows of each chunk are sharded over
+all its devices through ``jax.shard_map`` and the partial sums are combined with ``psum``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vfm_align.errors import ConfigError, DataError
+
+DEFAULT_CHUNK_ROWS = 1 << 15  # rows per host->device transfer
+SUB_ROWS = 256  # rows per in-device step; keeps the (rows, F) angle block cache-sized
+
+# 2*pi split so that k * _TWO_PI_HI is exact in float32 for the multiples k that occur (Cody-Waite).
+_TWO_PI_HI = np.float32(6.28125)
+_TWO_PI_LO = np.float32(2 * np.pi - 6.28125)
+
+
+def sincos(th: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of ``th`` in one pass: ~3x cheaper on CPU than jnp.cos + jnp.sin, max abs error ~5e-7.
+
+    Reduce to r in [-pi, pi], evaluate sin and cos of h = r/2 by Taylor polynomials (|h| <= pi/2),
+    then cos r = 1 - 2 sin^2 h and sin r = 2 sin h cos h. Only multiply-adds, so XLA fuses it into
+    the reduction that consumes it. Accurate for the |angles| < ~1e3 that random features produce.
+    """
+    k = jnp.round(th * np.float32(1.0 / (2.0 * np.pi)))
+    h = ((th - k * _TWO_PI_HI) - k * _TWO_PI_LO) * 0.5
+    h2 = h * h
+    s = h * (1 + h2 * (-1 / 6 + h2 * (1 / 120 + h2 * (-1 / 5040 + h2 * (1 / 362880 + h2 * (-1 / 39916800
+                                                                                        + h2 * (1 / 6227020800)))))))
+    c = 1 + h2 * (-1 / 2 + h2 * (1 / 24 + h2 * (-1 / 720 + h2 * (1 / 40320 + h2 * (-1 / 3628800
+                                                                                + h2 * (1 / 479001600))))))
+    return 1 - 2 * s * s, 2 * s * c
+
+
+def _orthogonal_gaussian(rng: np.random.Generator, rows: int, d: int) -> np.ndarray:
+    """Rows distributed like Gaussian rows but orthogonal within each block of d (Yu et al. 2016)."""
+    blocks = []
+    for _ in range(-(-rows // d)):
+        q, r = np.linalg.qr(rng.standard_normal((d, d)))
+        q = q * np.sign(np.diag(r))[None, :]  # Haar-distributed
+        norms = np.sqrt(rng.chisquare(d, size=d))
+        blocks.append(q.T * norms[:, None])
+    return np.concatenate(blocks, axis=0)[:rows]
+
+
+def rff_frequencies(d: int, num_features: int, sigmas, *, kernel: str = "rbf", seed: int = 0,
+                    orthogonal: bool = False) -> np.ndarray:
+    """Frequency matrix W of shape (d, len(sigmas) * num_features), float32, drawn on the host from ``seed``.
+
+    rbf: w ~ N(0, I / sigma^2). laplacian (exp(-||x - y|| / sigma)): its spectral density is the
+    multivariate Cauchy, w = g / (sigma |u|) with g ~ N(0, I), u ~ N(0, 1).
+    """
+    if num_features < 1:
+        raise ConfigError(f"num_features must be >= 1, got {num_features}")
+    if kernel not in ("rbf", "laplacian"):
+        raise ConfigError(f"unknown kernel '{kernel}' for random features")
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for s in np.atleast_1d(np.asarray(sigmas, np.float64)):
+        g = _orthogonal_gaussian(rng, num_features, d) if orthogonal else rng.standard_normal((num_features, d))
+        if kernel == "laplacian":
+            g = g / np.abs(rng.standard_normal((num_features, 1)))
+        blocks.append(g / s)
+    return np.ascontiguousarray(np.concatenate(blocks, axis=0).T.astype(np.float32))
+
+
+def features(x: jax.Array, freqs: jax.Array, *, num_bandwidths: int = 1) -> jax.Array:
+    """Per-row random features z(x) of shape (rows, 2 * freqs.shape[1]); ||z(x)||^2 = num_bandwidths."""
+    th = jnp.dot(x, freqs, precision=jax.lax.Precision.HIGHEST)
+    scale = 1.0 / np.sqrt(freqs.shape[1] // num_bandwidths)
+    return jnp.concatenate(sincos(th), axis=-1) * scale
+
+
+def _local_sums(x, w, freqs):
+    """Unscaled [sum cos, sum sin] over rows weighted by w (0 for padding); float32; and all-finite flag."""
+    rows, d = x.shape
+    sub = min(SUB_ROWS, rows)
+    xs = x.reshape(rows // sub, sub, d)
+    ws = w.reshape(rows // sub, sub)
+
+    def step(acc, args):
+        xb, wb = args
+        th = jnp.dot(xb, freqs, precision=jax.lax.Precision.HIGHEST)
+        c, s = sincos(th)
+        # Weighted column sums as fused elementwise+reduce: the (sub, F) blocks never reach memory.
+        wb = wb[:, None]
+        return acc + jnp.concatenate([jnp.sum(c * wb, axis=0), jnp.sum(s * wb, axis=0)]), None
+
+    acc0 = jnp.zeros((2 * freqs.shape[1],), jnp.float32)
+    acc, _ = jax.lax.scan(step, acc0, (xs, ws))
+    finite = jnp.all(jnp.isfinite(x))
+    return acc, finite
+
+
+@functools.lru_cache(maxsize=None)
+def _sums_fn(mesh):
+    if mesh is None:
+        return jax.jit(_local_sums)
+    axes = tuple(mesh.axis_names)
+
+    def sharded(x, w, freqs):
+        acc, finite = _local_sums(x, w, freqs)
+        acc = jax.lax.psum(acc, axes)
+        finite = jax.lax.psum(finite.astype(jnp.int32), axes) == jax.lax.psum(1, axes)
+        return acc, finite
+
+    return jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P(axes, None), P(axes), P()),
+                                 out_specs=(P(), P()), check_vma=False))
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def feature_sums(x, freqs, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None, name: str = "x") -> np.ndarray:
+    """Column sums of [cos(xW), sin(xW)] over all rows of ``x`` (array, memmap or jax array), float64.
+
+    Streams ``chunk_rows`` rows at a time; the next chunk is read while the device works on the
+    previous one (async dispatch). Raises DataError naming the row if a value is NaN or inf.
+    """
+    n = x.shape[0]
+    ndev = 1 if mesh is None else mesh.devices.size
+    step = min(_round_up(chunk_rows, SUB_ROWS * ndev), _round_up(n, SUB_ROWS * ndev))
+    if mesh is None:
+        put_x = put_w = put_f = jax.device_put
+    else:
+        axes = tuple(mesh.axis_names)
+        sx, sw, sf = (NamedSharding(mesh, spec) for spec in (P(axes, None), P(axes), P()))
+        put_x, put_w, put_f = (lambda a, s=s: jax.device_put(a, s) for s in (sx, sw, sf))
+    fn = _sums_fn(mesh)
+    f = put_f(jnp.asarray(freqs, jnp.float32))
+    acc = np.zeros(2 * freqs.shape[1], np.float64)
+    pending = None
+    for start in range(0, n, step):
+        blk = x[start:start + step]
+        rows = blk.shape[0]
+        if isinstance(blk, jax.Array):
+            blk = jnp.pad(blk.astype(jnp.float32), ((0, step - rows), (0, 0)))
+        else:
+            blk = np.asarray(blk, np.float32)
+            if rows < step:
+                blk = np.concatenate([blk, np.zeros((step - rows, blk.shape[1]), np.float32)])
+        w = np.zeros(step, np.float32)
+        w[:rows] = 1.0
+        out = fn(put_x(blk), put_w(w), f)
+        if pending is not None:
+            acc += _collect(pending, x, step, name)
+        pending = (out, start)
+    acc += _collect(pending, x, step, name)
+    return acc
+
+
+def _collect(pending, x, step, name):
+    (s, finite), start = pending
+    if not bool(finite):  # rare path: locate the offending row on the host for the message
+        block = np.asarray(x[start:start + step])
+        row = start + int(np.argmin(np.isfinite(block).all(axis=1)))
+        raise DataError(f"{name}: non-finite feature value (NaN or inf) in row {row}")
+    return np.asarray(s, np.float64)
+
+
+def mmd2_from_sums(sx, sy, n: int, m: int, *, k0: int, estimator: str = "unbiased", num_features: int | None = None) -> float:
+    """MMD^2 from unscaled feature sums. k0 = number of bandwidths; F = frequencies per bandwidth."""
+    sx = np.asarray(sx, np.float64)
+    sy = np.asarray(sy, np.float64)
+    f = num_features if num_features is not None else sx.shape[-1] // (2 * k0)
+    xx, yy, xy = sx @ sx / f, sy @ sy / f, sx @ sy / f
+    if estimator == "unbiased":
+        return float((xx - n * k0) / (n * (n - 1)) + (yy - m * k0) / (m * (m - 1)) - 2.0 * xy / (n * m))
+    if estimator == "biased":
+        return float(xx / n**2 + yy / m**2 - 2.0 * xy / (n * m))
+    raise ConfigError(f"estimator '{estimator}' is not available with random features (use 'unbiased' or 'biased')")
+
+
+def rff_mmd2(x, y, freqs, *, num_bandwidths: int = 1, estimator: str = "unbiased"):
+    """Jittable, differentiable RFF MMD^2 for training loops: arrays and fixed frequencies in, jax scalar out.
+
+    ``freqs`` comes from :func:`rff_frequencies`; ``num_bandwidths`` is the number of sigmas it was drawn for.
+    """
+    k0 = num_bandwidths
+    f = freqs.shape[1] // k0
+    th_x = jnp.dot(x, freqs, precision=jax.lax.Precision.HIGHEST)
+    th_y = jnp.dot(y, freqs, precision=jax.lax.Precision.HIGHEST)
+    sx = jnp.concatenate([t.sum(0) for t in sincos(th_x)])
+    sy = jnp.concatenate([t.sum(0) for t in sincos(th_y)])
+    n, m = x.shape[0], y.shape[0]
+    xx, yy, xy = sx @ sx / f, sy @ sy / f, sx @ sy / f
+    if estimator == "unbiased":
+        return (xx - n * k0) / (n * (n - 1)) + (yy - m * k0) / (m * (m - 1)) - 2.0 * xy / (n * m)
+    return xx / n**2 + yy / m**2 - 2.0 * xy / (n * m)
