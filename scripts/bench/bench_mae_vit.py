@@ -1,0 +1,147 @@
+"""Benchmark: full-size ProFound MAE-ViT-B encoder forward (unmasked), JAX vs PyTorch, same weights.
+
+mae_vit_base_patch16: volume 64x256x256x3, patch 16x32x32 -> 256 tokens, 768 wide, 12 blocks,
+12 heads. PyTorch runs a compact reimplementation of the reference encoder (Conv3d patch embed,
+pre-norm blocks with scaled_dot_product_attention) loaded with the same random weights; both
+outputs are checked against each other before timing. Compile time is reported apart; run times
+are medians (and IQR) over --reps calls, each ending in block_until_ready.
+
+    python scripts/bench/bench_mae_vit.py --batch 1 4 --reps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import converters.profound_mae as pm
+
+E, DEPTH, HEADS, MLP = 768, 12, 12, 3072
+DE, DDEPTH, DMLP = 384, 8, 1536
+PATCH, IMG, C = (16, 32, 32), (64, 256, 256), 3
+
+
+def random_state_dict(seed: int = 0, decoder_depth: int = DDEPTH) -> dict[str, np.ndarray]:
+    """Reference key names and shapes (mae_vit_base_patch16), random values of sensible scale."""
+    rng = np.random.default_rng(seed)
+    t1 = int(np.prod([i // p for i, p in zip(IMG, PATCH)])) + 1
+    pdim = int(np.prod(PATCH)) * C
+
+    def lin(o, i):
+        return (rng.standard_normal((o, i), np.float32) / np.sqrt(i)).astype(np.float32)
+
+    def vec(n, scale=0.1, mean=0.0):
+        return (mean + scale * rng.standard_normal(n)).astype(np.float32)
+
+    sd = {"cls_token": vec((1, 1, E), 0.5), "pos_embed": vec((1, t1, E), 0.5),
+          "patch_embed.proj.weight": (rng.standard_normal((E, C, *PATCH), np.float32) / np.sqrt(pdim)).astype(np.float32),
+          "patch_embed.proj.bias": vec(E), "norm.weight": vec(E, 0.2, 1.0), "norm.bias": vec(E),
+          "decoder_embed.weight": lin(DE, E), "decoder_embed.bias": vec(DE), "mask_token": vec((1, 1, DE), 0.5),
+          "decoder_pos_embed": vec((1, t1, DE), 0.5), "decoder_norm.weight": vec(DE, 0.2, 1.0),
+          "decoder_norm.bias": vec(DE), "decoder_pred.weight": lin(pdim, DE), "decoder_pred.bias": vec(pdim)}
+    for prefix, n, d, m in (("blocks", DEPTH, E, MLP), ("decoder_blocks", decoder_depth, DE, DMLP)):
+        for i in range(n):
+            b = f"{prefix}.{i}."
+            sd.update({b + "norm1.weight": vec(d, 0.2, 1.0), b + "norm1.bias": vec(d),
+                       b + "attn.qkv.weight": lin(3 * d, d), b + "attn.qkv.bias": vec(3 * d),
+                       b + "attn.proj.weight": lin(d, d), b + "attn.proj.bias": vec(d),
+                       b + "norm2.weight": vec(d, 0.2, 1.0), b + "norm2.bias": vec(d),
+                       b + "mlp.fc1.weight": lin(m, d), b + "mlp.fc1.bias": vec(m),
+                       b + "mlp.fc2.weight": lin(d, m), b + "mlp.fc2.bias": vec(d)})
+    return sd
+
+
+def torch_encoder(sd):
+    """Compact PyTorch reference encoder (NCDHW input) holding the same weights."""
+    import torch
+    import torch.nn.functional as F
+
+    w = {k: torch.from_numpy(v) for k, v in sd.items()}
+
+    def ln(x, p):
+        return F.layer_norm(x, (x.shape[-1],), w[p + ".weight"], w[p + ".bias"], eps=1e-6)
+
+    def lin(x, p):
+        return F.linear(x, w[p + ".weight"], w[p + ".bias"])
+
+    def forward(x):
+        x = F.conv3d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=PATCH)
+        x = x.flatten(2).transpose(1, 2) + w["pos_embed"][:, 1:]
+        cls = (w["cls_token"] + w["pos_embed"][:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        n, t, _ = x.shape
+        for i in range(DEPTH):
+            b = f"blocks.{i}"
+            qkv = lin(ln(x, b + ".norm1"), b + ".attn.qkv").reshape(n, t, 3, HEADS, E // HEADS).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(n, t, E)
+            x = x + lin(a, b + ".attn.proj")
+            x = x + lin(F.gelu(lin(ln(x, b + ".norm2"), b + ".mlp.fc1")), b + ".mlp.fc2")
+        return ln(x, "norm")
+
+    return forward
+
+
+def timeit(fn, reps):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return med, q3 - q1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-torch", action="store_true", help="time JAX only")
+    args = ap.parse_args()
+
+    sd = random_state_dict()
+    model, info = pm.convert(sd, {}, pm.ARCH, "<random mae_vit_base_patch16>")
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+    print(f"jax {jax.__version__}, devices {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"python {platform.python_version()}, float32, reps {args.reps}")
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        t_fwd = torch_encoder(sd)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, inference_mode")
+
+    print(f"{'batch':>5} {'compile s':>9} {'jax ms':>10} {'(iqr)':>7} {'torch ms':>10} {'(iqr)':>7} {'torch/jax':>9} {'max|diff|':>9}")
+    for n in args.batch:
+        x = np.random.default_rng(n).standard_normal((n, *IMG, C)).astype(np.float32)
+        xj = jax.device_put(jnp.asarray(x))
+        t0 = time.perf_counter()
+        compiled = encode.lower(state, xj).compile()
+        t_compile = time.perf_counter() - t0
+        out = jax.block_until_ready(compiled(state, xj))
+        jax.block_until_ready(compiled(state, xj))
+        j_med, j_iqr = timeit(lambda: jax.block_until_ready(compiled(state, xj)), args.reps)
+        row = f"{n:>5} {t_compile:>9.2f} {j_med * 1e3:>10.1f} {j_iqr * 1e3:>7.1f}"
+        if not args.no_torch:
+            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
+            with torch.inference_mode():
+                ref = t_fwd(xt).numpy()
+                t_fwd(xt)
+                t_med, t_iqr = timeit(lambda: t_fwd(xt), args.reps)
+            diff = float(np.abs(np.asarray(out) - ref).max())
+            row += f" {t_med * 1e3:>10.1f} {t_iqr * 1e3:>7.1f} {t_med / j_med:>9.2f} {diff:>9.2e}"
+            if diff > 1e-3:
+                raise SystemExit(f"JAX and PyTorch disagree (max abs diff {diff:.3g}); timings are meaningless")
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
