@@ -1,6 +1,7 @@
 """ProFound 3D MAE-ViT: parity with the reference outputs, converter inference and errors, save/load."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +190,31 @@ def test_save_and_load_round_trip(converted, g, tmp_path):
     assert loaded.config == info["config"]
     with jax.default_matmul_precision("highest"):
         _close(_encode(loaded, g["x"]), g["encoder_output"])
+
+
+def _released_state_dict(fixtures_dir, materialise: bool):
+    """The released mae_vit_base_patch16 key/shape set (from the fixture manifest), zero-valued."""
+    man = json.loads((fixtures_dir / "manifests.json").read_text())["profound_mae_vit_base"]
+    make = np.zeros if materialise else (lambda s, dtype: np.broadcast_to(np.zeros((), dtype), s))  # views: no memory
+    return {k["key"]: make(tuple(k["shape"]), dtype=np.float32) for k in man["keys"]}, man
+
+
+def test_released_key_set_infers_the_released_config(fixtures_dir):
+    sd, man = _released_state_dict(fixtures_dir, materialise=False)
+    assert len(sd) == man["num_tensors"] == 254
+    assert pm.detect(sd) == "profound_mae_vit"
+    config, origin = pm.infer_config(sd, {}, "released")
+    assert config == MaeViT3dConfig()  # the defaults are the mae_vit_base_patch16 factory
+    assert origin["num_heads"] == origin["img_size"] == "released default"
+    # the reference CLI's input size does not change the factory's 64x256x256 table
+    config, origin = pm.infer_config(sd, {"args": {"input_size": (64, 224, 224)}}, "released")
+    assert config.img_size == (64, 256, 256) and origin["img_size"] == "released default"
+
+
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="full-size model; set VFM_ALIGN_SLOW=1")
+def test_released_key_set_converts_strictly(fixtures_dir):
+    sd, man = _released_state_dict(fixtures_dir, materialise=True)
+    model, info = converters.convert_state_dict(sd, source="released")
+    assert len(info["used"]) == 254 and info["ignored"] == {}
+    n_params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert n_params == man["num_parameter_elements"]
