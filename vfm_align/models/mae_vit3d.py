@@ -55,6 +55,16 @@ class MaeViT3dConfig:
                                   f"{grid} grid ({math.prod(grid)} tokens) but the positional tables hold "
                                   f"{self.num_patches}")
 
+    @classmethod
+    def base(cls, **kw) -> "MaeViT3dConfig":
+        """The reference ``mae_vit_base_patch16`` factory (the defaults)."""
+        return cls(**kw)
+
+    @classmethod
+    def large(cls, **kw) -> "MaeViT3dConfig":
+        """The reference ``mae_vit_large_patch16`` factory: 1024 wide, 24 blocks, 16 heads, same decoder."""
+        return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_dim": 4096, **kw})
+
     @property
     def patch_dim(self) -> int:
         return math.prod(self.patch_size) * self.in_chans
