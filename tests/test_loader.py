@@ -105,6 +105,21 @@ def test_inplane_rotation_by_90_degrees_is_a_rot90():
     np.testing.assert_allclose(out["image"][..., 0], out["gland"], atol=1e-6)
 
 
+def test_inplane_affine_matches_the_3d_transform():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(3, 12, 10, 2)).astype(np.float32)
+    g = rng.integers(0, 3, size=(3, 12, 10)).astype(np.uint8)
+    out = _inplane_affine({"image": img, "gland": g, "lesion": g}, 0.2, 1.1)
+    a, z = 0.2, 1.1
+    mat = np.array([[1, 0, 0], [0, np.cos(a) / z, -np.sin(a) / z], [0, np.sin(a) / z, np.cos(a) / z]])
+    c = np.array([1.0, 5.5, 4.5])
+    ref = ndimage.affine_transform(img[..., 1], mat, c - mat @ c, order=1, mode="constant")
+    np.testing.assert_allclose(out["image"][..., 1], ref, atol=1e-5)
+    np.testing.assert_array_equal(out["gland"], ndimage.affine_transform(g, mat, c - mat @ c, order=0, mode="constant"))
+
+
 def test_crop_or_pad():
     s = {"image": np.ones((4, 6, 6, 3), np.float32), "gland": np.ones((4, 6, 6), np.uint8),
          "lesion": np.zeros((4, 6, 6), np.uint8)}

@@ -22,8 +22,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import json
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -339,7 +341,9 @@ def make_phantom(out: str | os.PathLike, cases: int = 200, *, shape=(32, 96, 96)
                 results.append(_make_one(job))
                 bar.update()
         else:
-            with cf.ProcessPoolExecutor(workers) as pool:
+            # Forking a process that already runs JAX's threads can deadlock: spawn then.
+            ctx = multiprocessing.get_context("spawn" if "jax" in sys.modules else None)
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 for res in pool.map(_make_one, jobs, chunksize=max(1, cases // (8 * workers))):
                     results.append(res)
                     bar.update()
