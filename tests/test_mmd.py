@@ -50,8 +50,12 @@ def test_exact_matches_numpy(banks, kernel, estimator, sigma):
     # block=64: several tiles per Gram block, a padded last tile, and mirrored off-diagonal tiles.
     got = mmd(x, y, kernel=kernel, sigma=sigma, estimator=estimator, block=64)
     assert abs(got - want) <= 1e-6 + 1e-4 * abs(want), (got, want)
-    # One tile covering everything gives the same answer.
-    assert abs(mmd(x, y, kernel=kernel, sigma=sigma, estimator=estimator, block=1024) - want) <= 1e-6 + 1e-4 * abs(want)
+
+
+def test_single_tile_equals_many_tiles(banks):
+    x, y = banks
+    want = ref_mmd2(x, y, [3.0])
+    assert abs(mmd(x, y, sigma=3.0, block=1024) - want) <= 1e-6 + 1e-4 * abs(want)
 
 
 def test_linear_estimator_matches_numpy(banks):
