@@ -126,5 +126,12 @@ def test_crop_or_pad():
     out = crop_or_pad(s, (6, 4, 6))
     assert out["image"].shape == (6, 4, 6, 3) and out["gland"].shape == (6, 4, 6)
     assert out["gland"][0].sum() == 0 and out["gland"][1:5].all()  # padded one slice each side
-    r = crop_or_pad(s, (4, 4, 4), np.random.default_rng(0))
-    assert r["image"].shape == (4, 4, 4, 3)
+    vals = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6)
+    s = {"image": vals[..., None], "gland": np.ones((4, 6, 6), np.uint8), "lesion": np.zeros((4, 6, 6), np.uint8)}
+    offsets = set()
+    for seed in range(12):
+        r = crop_or_pad(s, (4, 4, 4), np.random.default_rng(seed))
+        i, j = divmod(int(r["image"][0, 0, 0, 0]) % 36, 6)  # the window's corner in the source
+        np.testing.assert_array_equal(r["image"][..., 0], vals[:, i:i + 4, j:j + 4])
+        offsets.add((i, j))
+    assert len(offsets) > 1 and all(0 <= i <= 2 and 0 <= j <= 2 for i, j in offsets)

@@ -84,27 +84,36 @@ def augment(sample: dict, rng: np.random.Generator, cfg: AugmentConfig = Augment
 
 
 def crop_or_pad(sample: dict, shape, rng: np.random.Generator | None = None) -> dict:
-    """Bring image and masks to ``shape`` (D, H, W): centre crop/zero-pad, or a random crop when
-    ``rng`` is given."""
-    cur = np.shape(sample["gland"])
-    if tuple(cur) == tuple(shape):
+    """Bring image and masks to ``shape`` (D, H, W): the reference centre crop / symmetric zero pad
+    (MONAI semantics, from preprocess_profound), or a random crop position when ``rng`` is given."""
+    cur = tuple(np.shape(sample["gland"]))
+    shape = tuple(int(s) for s in shape)
+    if cur == shape:
         return sample
+    out = dict(sample)
+    if rng is None:
+        from vfm_align.data.preprocess_profound import plan_center_crop_pad
+
+        plan = plan_center_crop_pad(cur, shape)
+        out["image"] = plan.apply(np.asarray(sample["image"], np.float32))
+        for m in SPATIAL:
+            out[m] = plan.apply(np.asarray(sample[m], np.uint8))
+        return out
     src, dst = [], []
     for n, m in zip(cur, shape):
         if n >= m:
-            start = int(rng.integers(0, n - m + 1)) if rng is not None else (n - m) // 2
+            start = int(rng.integers(0, n - m + 1))
             src.append(slice(start, start + m))
             dst.append(slice(0, m))
         else:
             pad = (m - n) // 2
             src.append(slice(0, n))
             dst.append(slice(pad, pad + n))
-    out = dict(sample)
-    img = np.zeros(tuple(shape) + (np.shape(sample["image"])[-1],), np.float32)
+    img = np.zeros(shape + (np.shape(sample["image"])[-1],), np.float32)
     img[tuple(dst)] = np.asarray(sample["image"])[tuple(src)]
     out["image"] = img
     for m in SPATIAL:
-        a = np.zeros(tuple(shape), np.uint8)
+        a = np.zeros(shape, np.uint8)
         a[tuple(dst)] = np.asarray(sample[m])[tuple(src)]
         out[m] = a
     return out
