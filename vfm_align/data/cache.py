@@ -133,8 +133,13 @@ class PreprocessCache:
                 json.dump(meta, f, default=list)
             final = self._case_dir(case)
             if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another thread/process finished the same case first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not self.is_fresh(case):
+                    raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
