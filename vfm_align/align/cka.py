@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vfm_align.align.stream import read_rows
 from vfm_align.align.validate import check_pair
 from vfm_align.errors import DataError
 
@@ -88,7 +89,7 @@ def _accumulate(x, y, chunk_rows: int) -> PairedAccumulator:
                         f"got {x.shape[0]} and {y.shape[0]}")
     acc = PairedAccumulator()
     for start in range(0, x.shape[0], chunk_rows):
-        acc.update(x[start:start + chunk_rows], y[start:start + chunk_rows])
+        acc.update(read_rows(x, start, start + chunk_rows), read_rows(y, start, start + chunk_rows))
     return acc
 
 

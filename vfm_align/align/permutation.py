@@ -23,6 +23,7 @@ import numpy as np
 from vfm_align.align import rff
 from vfm_align.align.kernels import check_kernel, kernel_from_sq_dists, resolve_sigmas, sq_dists
 from vfm_align.align.mmd import check_estimator
+from vfm_align.align.stream import read_rows
 from vfm_align.align.validate import check_pair
 from vfm_align.errors import ConfigError, DataError
 
@@ -93,7 +94,7 @@ def _paired_chunk(x, y, valid, freqs, key, num_perm_template):
 
 
 def _chunk(bank, start, rows):
-    blk = np.asarray(bank[start:start + rows], np.float32)
+    blk = np.asarray(read_rows(bank, start, start + rows), np.float32)
     valid = np.zeros(rows, np.float32)
     valid[:len(blk)] = 1.0
     if len(blk) < rows:

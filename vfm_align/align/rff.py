@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vfm_align.align.stream import read_rows
 from vfm_align.errors import ConfigError, DataError
 
 DEFAULT_CHUNK_ROWS = 1 << 15  # rows per host->device transfer
@@ -144,12 +145,11 @@ def feature_sums(x, freqs, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None, n
     acc = np.zeros(2 * freqs.shape[1], np.float64)
     pending = None
     for start in range(0, n, step):
-        blk = x[start:start + step]
+        blk = read_rows(x, start, start + step)
         rows = blk.shape[0]
         if isinstance(blk, jax.Array):
             blk = jnp.pad(blk.astype(jnp.float32), ((0, step - rows), (0, 0)))
         else:
-            blk = np.asarray(blk, np.float32)
             if rows < step:
                 blk = np.concatenate([blk, np.zeros((step - rows, blk.shape[1]), np.float32)])
         w = np.zeros(step, np.float32)
@@ -165,7 +165,7 @@ def feature_sums(x, freqs, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None, n
 def _collect(pending, x, step, name):
     (s, finite), start = pending
     if not bool(finite):  # rare path: locate the offending row on the host for the message
-        block = np.asarray(x[start:start + step])
+        block = read_rows(x, start, start + step)
         row = start + int(np.argmin(np.isfinite(block).all(axis=1)))
         raise DataError(f"{name}: non-finite feature value (NaN or inf) in row {row}")
     return np.asarray(s, np.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vfm_align.align.stream import read_rows
 from vfm_align.errors import DataError
 
 # Rows scanned at a time when checking a (possibly memory-mapped) bank for NaN/inf.
@@ -31,7 +32,7 @@ def check_pair(x, y, *, names=("x", "y"), min_rows: int = 1, check_finite: bool 
 def check_finite_rows(arr, name: str) -> None:
     """Raise DataError naming the first row holding NaN or inf; reads memmaps chunk by chunk."""
     for start in range(0, arr.shape[0], CHECK_CHUNK):
-        block = np.asarray(arr[start:start + CHECK_CHUNK])
+        block = np.asarray(read_rows(arr, start, start + CHECK_CHUNK))
         ok = np.isfinite(block).all(axis=1)
         if not ok.all():
             row = start + int(np.argmin(ok))
