@@ -46,8 +46,14 @@ def test_label_tasks(sample):
     # Only the ISUP >= 2 lesion is a detection target; the grade-1 lesion is background.
     np.testing.assert_array_equal(det, (sample["lesion"] >= 2).astype(np.int32))
     assert det.sum() > 0 and (sample["lesion"] == 1).sum() > 0
-    _, det01 = get_task("detection").make({**sample, "lesion": (sample["lesion"] > 0).astype(np.uint8)})
+    binary = get_task("detection", lesion_mask="binary")
+    _, det01 = binary.make({**sample, "lesion": (sample["lesion"] > 0).astype(np.uint8)})
     np.testing.assert_array_equal(det01, sample["lesion"] > 0)
+    with pytest.raises(DataError, match="case-a.*binary"):
+        binary.make(sample)
+    # A graded mask whose only lesion is ISUP 1 has no detection target.
+    _, none = get_task("detection").make({**sample, "lesion": (sample["lesion"] == 1).astype(np.uint8)})
+    assert none.sum() == 0
 
 
 def test_super_resolution_input_is_the_slice_average(sample):

@@ -14,6 +14,7 @@ _COMMANDS = (
     "vfm_align.cli.convert",
     "vfm_align.cli.infer",
     "vfm_align.cli.phantom",
+    "vfm_align.cli.score",
 )
 
 

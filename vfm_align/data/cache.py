@@ -151,6 +151,11 @@ class PreprocessCache:
         d = self._case_dir(case)
         return {name: np.load(os.path.join(d, f"{name}.npy"), mmap_mode="r") for name in ("image", *MASKS)}
 
+    def meta(self, case: Case) -> dict:
+        """The sidecar of a cached case: affine, spacing (D, H, W mm), shape, recipe and sources."""
+        with open(os.path.join(self._case_dir(case), "meta.json")) as f:
+            return json.load(f)
+
     def build(self, cohort: Cohort, *, skip_bad: bool = False, workers: int = 1, progress: bool = False) -> Cohort:
         """Preprocess every stale case. Bad cases raise one DataError listing all of them, or
         with ``skip_bad`` are dropped from the returned cohort and listed in its ``skipped``."""

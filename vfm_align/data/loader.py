@@ -37,11 +37,7 @@ class CaseSource:
         case = self.cases[i]
         arrays = self.cache.get(case)
         if case.case_id not in self._spacing:
-            import json
-            import os
-
-            with open(os.path.join(self.cache._case_dir(case), "meta.json")) as f:
-                self._spacing[case.case_id] = tuple(json.load(f)["spacing"])
+            self._spacing[case.case_id] = tuple(self.cache.meta(case)["spacing"])
         return {**arrays, "labels": dict(case.labels), "case_id": case.case_id,
                 "spacing": self._spacing[case.case_id]}
 

@@ -91,8 +91,11 @@ class Segmentation(Task):
 class Detection(Task):
     """Clinically significant lesion detection (PI-CAI style).
 
-    Target: voxel-wise csPCa lesion map, 1 where the lesion's ISUP grade >= ``min_grade`` (a 0/1
-    lesion mask counts as significant). The model outputs 2 logits per voxel; the softmax of
+    Target: voxel-wise csPCa lesion map, 1 where the lesion's ISUP grade >= ``min_grade``
+    (``lesion_mask="graded"``, the phantom's format), or 1 on every lesion voxel when the cohort's
+    masks are already csPCa-only 0/1 maps (``lesion_mask="binary"``). A graded mask holding only
+    grade-1 lesions cannot be told from a binary one by its values, hence the explicit option.
+    The model outputs 2 logits per voxel; the softmax of
     channel 1 is the lesion likelihood map it is evaluated on. Metrics: lesion-level AP,
     case-level AUROC and the PI-CAI score (their mean, primary).
     """
@@ -102,11 +105,19 @@ class Detection(Task):
     num_outputs: int = 2
     primary: str = "picai_score"
     min_grade: int = 2
+    lesion_mask: str = "graded"
 
     def make(self, sample):
         les = np.asarray(sample["lesion"])
-        graded = les.max() > 1
-        target = (les >= self.min_grade) if graded else (les > 0)
+        if self.lesion_mask == "graded":
+            target = les >= self.min_grade
+        elif self.lesion_mask == "binary":
+            if les.max() > 1:
+                raise DataError(f"case '{sample['case_id']}': lesion mask has values up to {int(les.max())} but the "
+                                "detection task was told the masks are binary (lesion_mask='binary')")
+            target = les > 0
+        else:
+            raise ConfigError(f"detection lesion_mask must be 'graded' or 'binary', got '{self.lesion_mask}'")
         return np.asarray(sample["image"], np.float32), target.astype(np.int32)
 
     def evaluate(self, preds, targets, glands=None):
