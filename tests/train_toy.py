@@ -1,0 +1,48 @@
+"""Small, fast synthetic tasks for the training-engine tests (numpy only, seeded).
+
+Volumes are (N, D, H, W, 3) with a smooth background and, depending on the task, a bright blob
+whose presence / mask / clean image is the target. Cheap enough to build in milliseconds.
+"""
+
+import numpy as np
+
+
+def _blob(shape, rng):
+    d, h, w = shape
+    zz, yy, xx = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    c = [rng.uniform(0.3, 0.7) * s for s in shape]
+    r = rng.uniform(0.18, 0.3) * min(h, w)
+    return ((zz - c[0]) / max(d / h, 1e-3)) ** 2 * 0.25 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r**2
+
+
+def make_task(task, n, shape=(16, 32, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    imgs, tgts = [], []
+    for i in range(n):
+        base = rng.normal(0, 0.3, (*shape, 3)).astype(np.float32)
+        blob = _blob(shape, rng)
+        if task == "classification":
+            label = i % 2
+            if label:
+                base[blob] += 1.5
+            imgs.append(base), tgts.append(label)
+        elif task in ("segmentation", "detection"):
+            base[blob] += 1.5
+            imgs.append(base), tgts.append(blob.astype(np.int32))
+        elif task == "super_resolution":
+            clean = base.copy()
+            clean[blob] += 1.5
+            low = np.repeat(clean[::2], 2, axis=0)  # through-plane x2 downsampling, nearest upsampling
+            imgs.append(low), tgts.append(clean)
+        elif task == "distortion_correction":
+            clean = base.copy()
+            clean[blob] += 1.5
+            warped = np.roll(clean, 2, axis=2)  # a 2-voxel phase-encode (H) shift
+            imgs.append(warped), tgts.append(clean)
+        else:
+            raise ValueError(task)
+    return {"image": np.stack(imgs).astype(np.float32), "target": np.asarray(tgts)}
+
+
+def make_data(task, n_train=32, n_val=16, shape=(16, 32, 32), seed=0):
+    return {"train": make_task(task, n_train, shape, seed), "val": make_task(task, n_val, shape, seed + 1000)}

@@ -1,0 +1,43 @@
+"""A light dense decoder: backbone feature map + full-resolution input skip -> per-voxel output.
+
+Restoration tasks (super-resolution, distortion correction) use it with ``residual=True``: it
+predicts a correction added to the input, and the last conv starts at zero so training begins
+from the identity map. With ``residual=False`` it serves as a light dense head (logits) where a
+heavier decoder (UperNet) is not wanted. Works for volumes (ndim=3) and slices (ndim=2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vfm_align.models.layers import gelu
+
+
+class RestorationDecoder(nnx.Module):
+    def __init__(self, feat_dim: int, in_channels: int, out_channels: int, *, hidden: int = 32, ndim: int = 3,
+                 residual: bool = True, rngs: nnx.Rngs):
+        if residual and out_channels > in_channels:
+            raise ValueError(f"residual decoder needs out_channels <= in_channels, got {out_channels} > {in_channels}")
+        k1, k3 = (1,) * ndim, (3,) * ndim
+        self.residual = residual
+        self.out_channels = out_channels
+        self.proj = nnx.Conv(feat_dim, hidden, k1, rngs=rngs)
+        self.fuse1 = nnx.Conv(hidden + in_channels, hidden, k3, padding=1, rngs=rngs)
+        self.fuse2 = nnx.Conv(hidden, hidden, k3, padding=1, rngs=rngs)
+        init = nnx.initializers.zeros_init() if residual else nnx.initializers.lecun_normal()
+        self.out = nnx.Conv(hidden, out_channels, k1, kernel_init=init, rngs=rngs)
+
+    def __call__(self, feats: jax.Array, skip: jax.Array) -> jax.Array:
+        """feats (N, *coarse, F), skip (N, *full, C) -> (N, *full, out_channels)."""
+        f = gelu(self.proj(feats))
+        shape = skip.shape[:-1] + (f.shape[-1],)
+        # Trilinear/bilinear without antialias, the torch interpolate convention.
+        f = jax.image.resize(f, shape, "linear", antialias=False)
+        h = gelu(self.fuse1(jnp.concatenate([f, skip.astype(f.dtype)], axis=-1)))
+        h = gelu(self.fuse2(h))
+        y = self.out(h)
+        if self.residual:
+            y = y + skip[..., : self.out_channels].astype(y.dtype)
+        return y

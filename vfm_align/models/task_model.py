@@ -1,0 +1,119 @@
+"""Backbone + task head for each backbone family and task.
+
+Backbones expose ``features(...) -> dict`` of channels-last arrays:
+
+* volume backbones (ProFound-Conv, MAE-ViT): ``features(x (N,D,H,W,C))`` with "pooled" (N,F) and
+  dense maps such as "stage0".."stage3" / "patch" (N,d,h,w,F);
+* slice backbones (ProViCNet): ``features(x (N,S,S,3), pos (N,2))`` with "pooled"/"cls" (N,F)
+  and "patch" (N,h,w,F). A volume is cut into 2.5D windows of ``slice_window`` consecutive
+  slices of one sequence (windows shift inward at the edges, as upstream), each resized to
+  ``slice_size``, with ``pos = (j, D)``; dense outputs are put back into (N,D,H,W,K).
+
+Task kinds: "label" (one prediction per case, from pooled features), "dense" (per-voxel logits:
+segmentation, detection) and "restore" (the clean volume: super-resolution, distortion
+correction). Dense and restore heads are :class:`RestorationDecoder` (residual for restore).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vfm_align.errors import ConfigError
+from vfm_align.models.heads.restoration import RestorationDecoder
+
+TASK_KINDS = {
+    "classification": "label",
+    "segmentation": "dense",
+    "detection": "dense",
+    "super_resolution": "restore",
+    "distortion_correction": "restore",
+}
+
+
+def task_kind(task: str) -> str:
+    if task not in TASK_KINDS:
+        raise ConfigError(f"unknown task '{task}'; known: {sorted(TASK_KINDS)}")
+    return TASK_KINDS[task]
+
+
+def window_index(depth: int, window: int) -> jnp.ndarray:
+    """(D, window) slice indices: window centred on j, shifted inward at the edges."""
+    if depth < window:
+        raise ConfigError(f"volume has {depth} slices, fewer than the 2.5D window of {window}")
+    half = window // 2
+    start = jnp.clip(jnp.arange(depth) - half, 0, depth - window)
+    return start[:, None] + jnp.arange(window)[None, :]
+
+
+def volume_to_slices(x: jax.Array, channel: int, window: int, size: int | None):
+    """(N,D,H,W,C) -> 2.5D slices (N*D, S, S, window) of one sequence and pos (N*D, 2) = (j, D)."""
+    n, d, h, w, _ = x.shape
+    v = x[..., channel]                                   # (N, D, H, W)
+    idx = window_index(d, window)                         # (D, window)
+    s = jnp.moveaxis(v[:, idx], 2, -1).reshape(n * d, h, w, window)
+    if size is not None and (size, size) != (h, w):
+        # Bilinear with half-pixel centres, no antialias: cv2 INTER_LINEAR for upsampling.
+        s = jax.image.resize(s, (n * d, size, size, window), "linear", antialias=False)
+    j = jnp.tile(jnp.arange(d, dtype=jnp.float32), n)
+    pos = jnp.stack([j, jnp.full_like(j, d)], axis=-1)
+    return s, pos
+
+
+class TaskModel(nnx.Module):
+    """``model(x) -> (out, aux)``; aux is None unless the head is deep-supervised."""
+
+    def __init__(self, backbone: nnx.Module, *, task: str, family: str, input_shape, num_outputs: int,
+                 head_hidden: int = 32, feature_site: str | None = None, freeze_backbone: bool = False,
+                 slice_channel: int = 0, slice_window: int = 3, slice_size: int | None = None,
+                 rngs: nnx.Rngs):
+        if family not in ("volume", "slices"):
+            raise ConfigError(f"backbone family must be 'volume' or 'slices', got '{family}'")
+        self.backbone = backbone
+        self.kind = task_kind(task)
+        self.family = family
+        self.freeze_backbone = freeze_backbone
+        self.slice_channel, self.slice_window, self.slice_size = slice_channel, slice_window, slice_size
+        d, h, w, c = input_shape
+        feats = jax.eval_shape(self._raw_features, jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32))
+        if feature_site is None:
+            feature_site = next((k for k in ("stage0", "patch_map", "patch") if k in feats), "pooled")
+        if self.kind != "label" and feature_site not in feats:
+            raise ConfigError(f"backbone has no feature map '{feature_site}'; it gives {sorted(feats)}")
+        self.feature_site = feature_site
+        ndim = 3 if family == "volume" else 2
+        if self.kind == "label":
+            self.head = nnx.Linear(feats["pooled"].shape[-1], num_outputs, rngs=rngs)
+        else:
+            self.head = RestorationDecoder(feats[feature_site].shape[-1], c, num_outputs, hidden=head_hidden,
+                                           ndim=ndim, residual=self.kind == "restore", rngs=rngs)
+
+    def _raw_features(self, x):
+        if self.family == "volume":
+            return self.backbone.features(x)
+        s, pos = volume_to_slices(x, self.slice_channel, self.slice_window, self.slice_size)
+        return self.backbone.features(s, pos)
+
+    def features(self, x: jax.Array) -> dict:
+        """Backbone features of a volume batch (slice backbones: one row per slice)."""
+        return self._raw_features(x)
+
+    def __call__(self, x: jax.Array):
+        feats = self._raw_features(x)
+        if self.freeze_backbone:
+            feats = jax.lax.stop_gradient(feats)
+        n, d, h, w, c = x.shape
+        if self.kind == "label":
+            pooled = feats["pooled"]
+            if self.family == "slices":
+                pooled = pooled.reshape(n, d, -1).mean(axis=1)
+            return self.head(pooled), None
+        fmap = feats[self.feature_site]
+        if self.family == "volume":
+            if fmap.ndim == 3:  # ViT tokens (N, T, E) -> their (N, d, h, w, E) grid
+                fmap = fmap.reshape((n, *self.backbone.config.grid_for((d, h, w)), fmap.shape[-1]))
+            return self.head(fmap, x), None
+        skip = x.reshape(n * d, h, w, c)          # the slice's own voxels, all sequences
+        out = self.head(fmap, skip)               # (N*D, H, W, K)
+        return out.reshape(n, d, h, w, -1), None

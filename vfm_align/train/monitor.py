@@ -1,0 +1,78 @@
+"""Alignment measured inside the training loop.
+
+Once, before any update, the pretrained backbone's features on a fixed probe set are banked per
+feature site. Every K steps the current backbone is run on the same probe inputs and compared
+with the bank: RFF MMD^2 (unbiased, sin/cos, Gaussian kernel with the median-heuristic bandwidth
+fitted on the bank, so every step uses the same kernel), linear CKA and the paired drift
+(mean 1 - cosine between a sample's features before and after, and the relative L2 change).
+All of it runs in one jitted function on the device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vfm_align.align.kernels import median_sigma
+from vfm_align.align.rff import rff_frequencies, rff_mmd2
+
+
+def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Linear CKA in feature form: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    hi = jax.lax.Precision.HIGHEST
+    xc = x - x.mean(0)
+    yc = y - y.mean(0)
+    cross = jnp.sum(jnp.square(jnp.dot(yc.T, xc, precision=hi)))
+    nx = jnp.linalg.norm(jnp.dot(xc.T, xc, precision=hi))
+    ny = jnp.linalg.norm(jnp.dot(yc.T, yc, precision=hi))
+    return cross / (nx * ny)
+
+
+def _site_scores(pre, post, freqs):
+    eps = 1e-12
+    cos = jnp.sum(pre * post, -1) / (jnp.linalg.norm(pre, axis=-1) * jnp.linalg.norm(post, axis=-1) + eps)
+    rel = jnp.linalg.norm(post - pre, axis=-1) / (jnp.linalg.norm(pre, axis=-1) + eps)
+    return {"mmd2": rff_mmd2(pre, post, freqs), "cka": linear_cka(pre, post),
+            "drift_cos": jnp.mean(1.0 - cos), "drift_rel": jnp.mean(rel)}
+
+
+class AlignmentMonitor:
+    """``bank(state)`` once with the pretrained state; ``__call__(state) -> {"align/<site>/<score>": float}``."""
+
+    def __init__(self, feature_fn, probe_images, sites, *, num_features: int = 2048, max_rows: int = 4096,
+                 seed: int = 0):
+        self.feature_fn = feature_fn
+        self.probe = probe_images
+        self.sites = tuple(sites)
+        self.num_features, self.max_rows, self.seed = num_features, max_rows, seed
+        self.pre = None
+
+    def _rows(self, feats):
+        # Token-level sites can be large: keep a fixed, seeded subset of rows for every call.
+        out = {}
+        for s, f in feats.items():
+            if f.shape[0] > self.max_rows:
+                f = f[self._idx[s]]
+            out[s] = f
+        return out
+
+    def bank(self, state) -> None:
+        feats = self.feature_fn(state, self.probe)
+        rng = np.random.default_rng(self.seed)
+        self._idx = {s: np.sort(rng.choice(f.shape[0], self.max_rows, replace=False)) if f.shape[0] > self.max_rows
+                     else None for s, f in feats.items()}
+        self.pre = self._rows(feats)
+        self.freqs = {}
+        for s, f in self.pre.items():
+            fh = np.asarray(f)
+            sigma = median_sigma(fh, seed=self.seed)
+            self.freqs[s] = jnp.asarray(rff_frequencies(fh.shape[1], self.num_features, [sigma], seed=self.seed))
+        self._score = jax.jit(lambda pre, post, fr: {s: _site_scores(pre[s], post[s], fr[s]) for s in pre})
+
+    def __call__(self, state) -> dict:
+        if self.pre is None:
+            raise RuntimeError("AlignmentMonitor.bank(pretrained_state) must run before scoring")
+        post = self._rows(self.feature_fn(state, self.probe))
+        scores = jax.device_get(self._score(self.pre, post, self.freqs))
+        return {f"align/{s}/{k}": float(v) for s, d in scores.items() for k, v in d.items()}

@@ -1,0 +1,58 @@
+"""The shared skeleton of every fine-tuning recipe in ``configs/``: one ml_collections ConfigDict.
+
+``base_config(backbone, task, variant)`` fills every field the loop reads; a recipe file changes
+only what differs (with the reference value cited). ``variant`` "tiny" gives CPU-sized models and
+volumes (16x32x32 voxels; widths 16-32) for smoke runs and tests; "default" the released sizes.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from vfm_align.errors import ConfigError
+
+BACKBONES = {
+    # arch, family, released config, tiny config, in-loop alignment sites
+    "profound_conv": ("profound_conv", "volume", {},
+                      {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32)}, ("pooled", "stage3")),
+    "profound_mae": ("profound_mae_vit", "volume", {},
+                     {"patch_size": (4, 8, 8), "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
+                      "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, "decoder_mlp_dim": 32,
+                      "num_patches": 64, "img_size": (16, 32, 32)}, ("pooled", "patch")),
+    "provicnet": ("provicnet", "slices", {"cl_out": 0},
+                  {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64,
+                   "pos_src_grid": 4, "head_channels": (8, 8), "cl_out": 0}, ("pooled", "patch")),
+}
+
+TASK_OUTPUTS = {"classification": 2, "segmentation": 2, "detection": 2, "super_resolution": 3,
+                "distortion_correction": 3}
+
+
+def base_config(backbone: str, task: str, variant: str = "default") -> mlc.ConfigDict:
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{backbone}'; known: {sorted(BACKBONES)}")
+    if task not in TASK_OUTPUTS:
+        raise ConfigError(f"unknown task '{task}'; known: {sorted(TASK_OUTPUTS)}")
+    if variant not in ("default", "tiny"):
+        raise ConfigError(f"unknown recipe variant '{variant}' (choose default or tiny)")
+    arch, family, released, tiny_cfg, sites = BACKBONES[backbone]
+    tiny = variant == "tiny"
+    c = mlc.ConfigDict()
+    c.run = dict(workdir=f"runs/{backbone}_{task}", seed=0)
+    c.model = dict(arch=arch, config=dict(tiny_cfg if tiny else released), pretrained="", family=family,
+                   feature_site="", head_hidden=16 if tiny else 64, freeze_backbone=False,
+                   slice_channel=0, slice_window=3, slice_size=0 if tiny else 448)
+    c.task = dict(name=task, num_outputs=TASK_OUTPUTS[task], loss="")
+    c.data = dict(root="", shape=(16, 32, 32) if tiny else (64, 224, 224), cases=64 if tiny else 0)
+    # AdamW + warmup/cosine, as ProFound's fine-tuning engines (reference-models.md 2.7).
+    c.optim = dict(name="adamw", lr=1e-3 if tiny else 1e-4, min_lr=1e-6, warmup_steps=5 if tiny else 200,
+                   weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8, layer_decay=1.0 if tiny else 0.75,
+                   backbone_lr_mult=1.0, clip_norm=1.0, grad_accum=1)
+    c.train = dict(steps=60 if tiny else 5000, batch_size=8, eval_every=20 if tiny else 250,
+                   ckpt_every=20 if tiny else 250, log_every=10 if tiny else 50, augment=True,
+                   compute_dtype="float32", async_checkpoint=True)
+    # fsdp_min_size: weights smaller than this stay replicated.
+    c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**10 if tiny else 2**16)
+    c.align = dict(every=20 if tiny else 250, sites=sites, probe_cases=8 if tiny else 32,
+                   num_features=512 if tiny else 2048, max_rows=2048 if tiny else 8192)
+    return c
