@@ -15,6 +15,8 @@ _COMMANDS = (
     "vfm_align.cli.infer",
     "vfm_align.cli.phantom",
     "vfm_align.cli.score",
+    "vfm_align.cli.pretrain",
+    "vfm_align.cli.study",
 )
 
 

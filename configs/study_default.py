@@ -1,0 +1,45 @@
+"""The default transfer study: MAE-pretrained vs contrastive-pretrained backbones on five tasks.
+
+    vfm-align study                      # this file, phantom cohort generated into ./study_out/cohort
+    vfm-align study --config configs/study_default.py --out study_out
+
+Tiny models and volumes so it finishes on a 2-core CPU; for a real cohort set cohort.manifest and
+give converted checkpoints as backbones[i].weights (see README, section "study").
+"""
+
+import importlib.util
+import os
+
+import ml_collections as mc
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def get_config(pretrain_steps=60, finetune_steps=40, cases=32):
+    mae = _load("pretrain_mae").get_config()
+    con = _load("pretrain_contrastive").get_config()
+    for p in (mae, con):
+        p.steps = pretrain_steps
+    return mc.ConfigDict(dict(
+        seed=0,
+        cohort=dict(manifest="", cases=cases, shape=(16, 32, 32)),
+        mesh=dict(devices=1, data=1, fsdp=1),
+        tasks=["classification", "segmentation", "detection", "super_resolution", "distortion_correction"],
+        backbones=[
+            mc.ConfigDict(dict(name="reconstruction", family="mae_vit", weights="", pretrain=mae)),
+            mc.ConfigDict(dict(name="contrastive", family="provicnet", weights="", pretrain=con)),
+        ],
+        finetune=dict(steps=finetune_steps, eval_every=max(1, finetune_steps // 10), batch_size=4, head_hidden=16,
+                      slice_channel=0, slice_window=3, augment=True, probe_cases=8,
+                      sites=["pooled", "patch"], rff_features=1024, max_rows=2048,
+                      optim=_load("pretrain_mae").optim(lr=5e-4, warmup=2)),
+        primary_site="pooled",
+        num_permutations=1000,
+        num_bootstrap=2000,
+        num_correlation_permutations=2000,
+    ))

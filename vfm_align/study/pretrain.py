@@ -1,0 +1,87 @@
+"""Pretraining a backbone with one objective on the project's training engine, then saving it.
+
+The step is the engine's functional form (``vfm_align.train.state`` split, jit with explicit
+shardings and donation, per-step rng ``fold_in(seed, step)``); only the loss differs from
+fine-tuning. The result is a model directory that :func:`vfm_align.load` restores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from vfm_align.model_io import read_sidecar, save_model
+from vfm_align.study.backbones import ARCHS, backbone_config, fresh_backbone
+from vfm_align.study.objectives import make_objective
+from vfm_align.train.mesh import global_batch, make_mesh
+from vfm_align.train.optim import make_optimizer
+from vfm_align.train.state import create_state
+
+
+def study_mesh(cfg):
+    """The study's mesh: ``mesh.devices`` devices (0 = all) as (data, fsdp)."""
+    devs = jax.devices()
+    n = int(cfg.devices) or len(devs)
+    return make_mesh(int(cfg.data), int(cfg.fsdp), devices=devs[:n])
+
+
+def _step_fn(gdef, objective, tx, seed):
+    def step(state, batch):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+        def f(params):
+            model = nnx.merge(gdef, params, state["rest"])
+            loss, metrics = objective(model, batch, rng)
+            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (metrics, rest)), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return ({"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1},
+                {"loss": loss, **metrics})
+
+    return step
+
+
+def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool = True) -> dict:
+    """Pretrain ``cfg.backbone`` with ``cfg.objective`` on ``data`` ("image" (N,D,H,W,3), "cancer" (N,D,H,W)).
+
+    Writes the model directory ``out_dir`` (skipped when it already holds a finished model) and
+    returns its sidecar ``extra`` (loss curve, config).
+    """
+    if os.path.isdir(out_dir):
+        return read_sidecar(out_dir).get("pretraining", {})
+    family = cfg.backbone
+    config = backbone_config(family, cfg.model, tuple(data["image"].shape[1:4]))
+    model = fresh_backbone(family, config, int(cfg.seed))
+    mesh = study_mesh(cfg.mesh)
+    steps = int(cfg.steps)
+    tx, _ = make_optimizer(cfg.optim, nnx.state(model, nnx.Param), steps)
+    gdef, _, state, sh = create_state(model, tx, mesh)
+    from vfm_align.train.mesh import batch_sharding
+
+    step = jax.jit(_step_fn(gdef, make_objective(cfg.objective, cfg.objective_args), tx, int(cfg.seed)),
+                   in_shardings=(sh, batch_sharding(mesh)), out_shardings=(sh, None), donate_argnums=0)
+    rng = np.random.default_rng(int(cfg.seed))
+    bs = int(cfg.batch_size)
+    n = len(data["image"])
+    curve = []
+    bar = tqdm(range(steps), desc=f"pretrain {family}/{cfg.objective}", disable=not progress, leave=False)
+    for i in bar:
+        idx = rng.choice(n, bs, replace=n < bs)
+        batch = global_batch({"image": data["image"][idx], "cancer": data["cancer"][idx]}, mesh)
+        state, metrics = step(state, batch)
+        if i % max(1, steps // 20) == 0 or i == steps - 1:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            curve.append({"step": i + 1, **m})
+            bar.set_postfix(loss=f"{m['loss']:.4f}")
+    nnx.update(model, state["params"], state["rest"])
+    extra = {"pretraining": {"objective": cfg.objective, "steps": steps, "curve": curve,
+                             "config": cfg.to_dict()}}
+    save_model(model, ARCHS[family], config, out_dir, extra=extra)
+    return extra["pretraining"]

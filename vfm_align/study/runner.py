@@ -1,0 +1,180 @@
+"""The transfer study: every (backbone, task) fine-tuned from pretrained and from random weights.
+
+For each pair it records the final metric, the relative gain over the random-init baseline trained
+with the same budget, the steps to 90 % of the final improvement (convergence), and the in-loop
+alignment curves (MMD^2, CKA, drift) per feature site; then it correlates alignment with gain and
+with convergence across pairs. Each (backbone, task, init) result is written atomically to
+``runs/`` as it completes, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+from rich.console import Console
+
+from vfm_align import model_io
+from vfm_align.errors import ConfigError
+from vfm_align.study import taskdata
+from vfm_align.study.backbones import backbone_config, fresh_backbone
+from vfm_align.study.finetune import run_finetune, steps_to_fraction
+from vfm_align.study.permutation import paired_mmd_test
+from vfm_align.study.pretrain import pretrain, study_mesh
+from vfm_align.study.stats import correlate
+
+INITS = ("pretrained", "random")
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare_cohort(cfg, out_dir: str) -> dict:
+    """The cohort named by ``cfg.cohort.manifest``, or the phantom generated into ``out_dir/cohort``."""
+    manifest = cfg.cohort.manifest
+    if not manifest:
+        from vfm_align.data.phantom import make_phantom
+
+        manifest = make_phantom(os.path.join(out_dir, "cohort"), int(cfg.cohort.cases), shape=tuple(cfg.cohort.shape),
+                                seed=int(cfg.seed), workers=1, progress=False)
+    return taskdata.load_cohort(manifest)
+
+
+def _backbone_dirs(cfg, cohort, out_dir, console, progress) -> dict:
+    dirs = {}
+    train = cohort["split"] == "train"
+    data = {"image": cohort["image"][train], "cancer": (cohort["lesion"][train] > 0).astype(np.int32)}
+    for b in cfg.backbones:
+        if b.get("weights"):
+            dirs[b.name] = b.weights  # a converted or user-pretrained model directory
+            continue
+        path = os.path.join(out_dir, "pretrained", b.name)
+        if not os.path.isdir(path):
+            console.log(f"pretraining {b.name} ({b.pretrain.backbone}, {b.pretrain.objective})")
+        pretrain(b.pretrain, data, path, progress=progress)
+        dirs[b.name] = path
+    return dirs
+
+
+def run_key(backbone: str, task: str, init: str) -> str:
+    return f"{backbone}__{task}__{init}"
+
+
+def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
+    """Run (or resume) the study described by ``cfg`` into ``out_dir``; returns the results dict."""
+    console = Console(stderr=True, quiet=not progress)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        fh.write(cfg.to_json_best_effort(indent=1))
+    for t in cfg.tasks:
+        taskdata.get_spec(t)
+    names = [b.name for b in cfg.backbones]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"backbone names must be unique, got {names}")
+    cohort = prepare_cohort(cfg, out_dir)
+    dirs = _backbone_dirs(cfg, cohort, out_dir, console, progress)
+    mesh = study_mesh(cfg.mesh)
+    probe_idx = np.arange(min(int(cfg.finetune.probe_cases), len(cohort["image"])))
+    probe = cohort["image"][probe_idx]
+    task_data = {t: taskdata.make_task_data(cohort, t, seed=int(cfg.seed)) for t in cfg.tasks}
+    todo = [(b, t, i) for b in cfg.backbones for t in cfg.tasks for i in INITS]
+    done = 0
+    for b, t, init in todo:
+        path = os.path.join(out_dir, "runs", run_key(b.name, t, init) + ".json")
+        done += 1
+        if os.path.exists(path):
+            console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: done earlier, skipped")
+            continue
+        family = b.family
+        if init == "pretrained":
+            backbone = model_io.load(dirs[b.name])
+        else:
+            meta = model_io.read_sidecar(dirs[b.name])
+            from vfm_align.models.registry import config_from_dict
+
+            backbone = fresh_backbone(family, config_from_dict(meta["arch"], meta["config"]), int(cfg.seed) + 1)
+        res = run_finetune(family, backbone, t, task_data[t], probe, cfg.finetune, mesh, seed=int(cfg.seed),
+                           desc=f"[{done}/{len(todo)}] {b.name}/{t}/{init}", progress=progress)
+        tests = {s: paired_mmd_test(x, y, num_permutations=int(cfg.num_permutations), seed=int(cfg.seed))
+                 for s, (x, y) in res.pop("pairs").items()}
+        _write_json(path, {"backbone": b.name, "family": family, "task": t, "init": init, "tests": tests, **res})
+        console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: {res['metric_name']} {res['final_metric']:.4f}")
+    results = summarise(cfg, out_dir)
+    from vfm_align.study.report import write_report
+
+    write_report(results, out_dir)
+    return results
+
+
+def summarise(cfg, out_dir: str) -> dict:
+    """Per-pair table and cross-pair correlations from the saved runs."""
+    runs = {}
+    for b in cfg.backbones:
+        for t in cfg.tasks:
+            for init in INITS:
+                with open(os.path.join(out_dir, "runs", run_key(b.name, t, init) + ".json")) as fh:
+                    runs[(b.name, t, init)] = json.load(fh)
+    site = cfg.primary_site
+    pairs = []
+    for b in cfg.backbones:
+        for t in cfg.tasks:
+            pre, rnd = runs[(b.name, t, "pretrained")], runs[(b.name, t, "random")]
+            c = pre["curve"]
+            row = {"backbone": b.name, "task": t, "metric": pre["metric_name"],
+                   "final_pretrained": pre["final_metric"], "final_random": rnd["final_metric"],
+                   "gain": (pre["final_metric"] - rnd["final_metric"]) / max(abs(rnd["final_metric"]), 1e-12),
+                   "convergence_steps": steps_to_fraction(c["step"], c["metric"]),
+                   "convergence_steps_random": steps_to_fraction(rnd["curve"]["step"], rnd["curve"]["metric"])}
+            for s in cfg.finetune.sites:
+                row[f"mmd2_{s}"] = c[f"align/{s}/mmd2"][-1]
+                row[f"cka_{s}"] = c[f"align/{s}/cka"][-1]
+                row[f"p_value_{s}"] = pre["tests"][s]["p_value"]
+            pairs.append(row)
+    corr = {}
+    stat_kw = dict(num_bootstrap=int(cfg.num_bootstrap), num_permutations=int(cfg.num_correlation_permutations),
+                   seed=int(cfg.seed))
+    for measure in (f"mmd2_{site}", f"cka_{site}"):
+        x = [p[measure] for p in pairs]
+        for target in ("gain", "convergence_steps"):
+            y = [p[target] for p in pairs]
+            for method in ("spearman", "pearson"):
+                try:
+                    corr[f"{measure}~{target}/{method}"] = correlate(x, y, method=method, **stat_kw).to_dict()
+                except Exception as exc:  # constant columns (e.g. every run converged at once) have no correlation
+                    corr[f"{measure}~{target}/{method}"] = {"method": method, "r": float("nan"), "error": str(exc)}
+    results = {"primary_site": site, "pairs": pairs, "correlations": corr,
+               "runs": {run_key(*k): v for k, v in runs.items()},
+               "finding": finding(pairs, corr, site)}
+    _write_json(os.path.join(out_dir, "results.json"), results)
+    import csv
+
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(pairs[0]))
+        w.writeheader()
+        w.writerows(pairs)
+    return results
+
+
+def finding(pairs, corr, site) -> str:
+    """The study's answer in one sentence, with its numbers."""
+    g = corr[f"mmd2_{site}~gain/spearman"]
+    c = corr[f"mmd2_{site}~convergence_steps/spearman"]
+
+    def fmt(d):
+        if not np.isfinite(d.get("r", np.nan)):
+            return "undefined (a constant column)"
+        return f"{d['r']:+.2f} (95% CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f}, p = {d['p_value']:.3f})"
+
+    r = g.get("r", np.nan)
+    direction = ("lower MMD\u00b2 (better alignment) went with larger gains" if np.isfinite(r) and r < 0 else
+                 "lower MMD\u00b2 did not go with larger gains")
+    return (f"Across {len(pairs)} (backbone, task) pairs, {direction}: Spearman of {site} MMD\u00b2 with relative "
+            f"gain {fmt(g)}, and with steps to 90% of the final metric {fmt(c)}.")
