@@ -20,6 +20,7 @@ from vfm_align.errors import ConversionError
 _KEYMAPS = (
     "converters.profound_mae",
     "converters.provicnet",
+    "converters.profound_conv",
 )
 
 

@@ -15,6 +15,10 @@ _ARCH_MODULES: dict[str, str] = {
     "profound_mae_vit": "vfm_align.models.mae_vit3d",
     "provicnet": "vfm_align.models.provicnet",
     "provicnet_fusion": "vfm_align.models.provicnet",
+    "profound_conv": "vfm_align.models.convnext3d",
+    "profound_conv_cls": "vfm_align.models.heads.classifier",
+    "profound_conv_upernet": "vfm_align.models.heads.upernet3d",
+    "profound_fcmae": "vfm_align.models.fcmae",
 }
 
 _REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module]]] = {}
