@@ -4,7 +4,7 @@ Random features (default): a permuted statistic needs only the permuted feature 
 chunk of rows contributes one GEMM, (P x rows assignment matrix) @ (rows x 2F features); no Gram
 matrix and no recomputation of features. A uniformly random n-subset of the pooled N rows is drawn
 chunk by chunk: the number of X rows falling in each chunk is hypergeometric (numpy, seeded) and
-the rows within the chunk are a uniform subset of that size (jax.random, seeded), which is exactly
+the rows within the chunk are a uniform subset of that size (numpy row shuffles, seeded), which is exactly
 the distribution of a full shuffle while keeping memory O(P * (chunk + F)).
 
 Exact (small banks only): the pooled Gram matrix K is built once and every permuted statistic is
@@ -69,17 +69,22 @@ def _raw_features(x, freqs):
 
 
 @jax.jit
-def _pooled_chunk(x, valid, freqs, counts, key):
-    """Feature sums of the valid rows, and for each permutation the sum over a uniform subset of
-    ``counts[p]`` valid rows (one GEMM)."""
+def _pooled_chunk(x, valid, freqs, assign):
+    """Feature sums of the valid rows, and per permutation the sum over its assigned rows (one GEMM)."""
     z = _raw_features(x, freqs) * valid[:, None]
-    num_perm, rows = counts.shape[0], x.shape[0]
-    u = jax.random.uniform(key, (num_perm, rows))
-    u = jnp.where(valid[None, :] > 0, u, 2.0)  # padding sorts last, never selected
-    order = jnp.argsort(u, axis=1)
-    take = (jnp.arange(rows)[None, :] < counts[:, None]).astype(jnp.float32)
-    assign = jnp.zeros((num_perm, rows), jnp.float32).at[jnp.arange(num_perm)[:, None], order].set(take)
-    return z.sum(0), jnp.dot(assign, z, precision=jax.lax.Precision.HIGHEST), jnp.all(jnp.isfinite(x))
+    a = assign.astype(jnp.float32)
+    return z.sum(0), jnp.dot(a, z, precision=jax.lax.Precision.HIGHEST), jnp.all(jnp.isfinite(x))
+
+
+def _subset_rows(rng: np.random.Generator, counts: np.ndarray, size: int, rows: int) -> np.ndarray:
+    """(P, rows) uint8: row p marks a uniform random subset of counts[p] of the first ``size`` rows.
+
+    numpy shuffles each row in place (Fisher-Yates, O(P * rows)); far cheaper than a sort on the device.
+    """
+    mask = np.zeros((len(counts), rows), np.uint8)
+    mask[:, :size] = np.arange(size)[None, :] < counts[:, None]
+    mask[:, :size] = rng.permuted(mask[:, :size], axis=1)
+    return mask
 
 
 @jax.jit
@@ -127,21 +132,29 @@ def _rff_null(x, y, freqs, num_perm, paired, seed, chunk_rows):
     left_x = np.full(num_perm, n, np.int64)  # X slots still to fill, per permutation
     left = n + m
     perm_sx = np.zeros((num_perm, width))
-    c = 0
+    pending = None
+
+    def collect(p):
+        (s, a, ok), name, start, acc = p
+        if not bool(ok):
+            raise DataError(f"{name}: non-finite feature value (NaN or inf) in rows starting at {start}")
+        acc += np.asarray(s, np.float64)
+        perm_sx[...] += np.asarray(a, np.float64)
+
     for bank, name, acc in ((x, "x", sx), (y, "y", sy)):
         rows = min(chunk_rows, len(bank))
         for start in range(0, len(bank), rows):
+            # Host work for this chunk (read, draw assignments) overlaps the device's previous chunk.
             blk, valid = _chunk(bank, start, rows)
             size = int(valid.sum())
             counts = rng.hypergeometric(left_x, left - left_x, size) if left > size else left_x.copy()
             left_x -= counts
             left -= size
-            s, a, ok = _pooled_chunk(blk, valid, f_dev, jnp.asarray(counts, jnp.int32), jax.random.fold_in(key, c))
-            if not bool(ok):
-                raise DataError(f"{name}: non-finite feature value (NaN or inf) in rows starting at {start}")
-            acc += np.asarray(s, np.float64)
-            perm_sx += np.asarray(a, np.float64)
-            c += 1
+            out = _pooled_chunk(blk, valid, f_dev, _subset_rows(rng, counts, size, rows))
+            if pending is not None:
+                collect(pending)
+            pending = (out, name, start, acc)
+    collect(pending)
     return sx, sy, perm_sx
 
 
