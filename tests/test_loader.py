@@ -59,6 +59,15 @@ def test_seeded_shuffle_and_augmentation_are_deterministic(setup):
     assert sorted(full) == sorted(c.case_id for c in setup[0].cases)  # every case exactly once
 
 
+def test_worker_processes_give_the_same_batches(setup):
+    threads = list(_loader(setup, seed=4, num_threads=1).epoch(1))
+    procs = list(_loader(setup, seed=4, workers=2).epoch(1))
+    assert len(threads) == len(procs) == 3
+    for x, y in zip(threads, procs):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_per_process_shards_are_disjoint_and_cover(setup):
     shards = [_ids(_loader(setup, seed=3, batch_size=1, process_index=i, process_count=2), 4) for i in range(2)]
     assert len(shards[0]) == len(shards[1]) == 5

@@ -1,6 +1,6 @@
 """Loader throughput (cold and cached) and whether a jitted train step waits on the loader.
 
-    python scripts/bench/bench_loader.py [--cases 48] [--shape 32,96,96] [--batch 2] [--threads 2]
+    python scripts/bench/bench_loader.py [--cases 48] [--shape 32,96,96] [--batch 2] [--threads 2] [--workers 0]
 
 Prints, measured in one run:
   1. phantom generation time (not part of loading);
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="32,96,96")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="loader worker processes (0: threads only)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--task", default="segmentation")
     args = ap.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     from vfm_align.data.tasks import get_task
 
     print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()} (shared machine: timings are noisy)")
-    print(f"cases {args.cases}, shape {shape}, batch {args.batch}, loader threads {args.threads}, task {args.task}")
+    print(f"cases {args.cases}, shape {shape}, batch {args.batch}, loader threads {args.threads}, workers {args.workers}, task {args.task}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         manifest = make_phantom(os.path.join(tmp, "ph"), args.cases, shape=shape, seed=0, progress=False)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
 
         def make(aug, train=True):
             return Loader(cases, cache, task, batch_size=args.batch, seed=0, train=train, augment_cfg=aug,
-                          num_threads=args.threads, prefetch=4, process_index=0, process_count=1)
+                          num_threads=args.threads, prefetch=4, workers=args.workers, process_index=0, process_count=1)
 
         # Cold: every case is read from NIfTI, reoriented, normalised and written to the cache on first touch.
         n, dt = _pass(make(None, train=False))

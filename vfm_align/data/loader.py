@@ -57,6 +57,9 @@ def _epoch_seed(seed: int, epoch: int, salt: str) -> int:
 class Loader:
     """Iterate batches of one split for one task.
 
+    Batches do not depend on ``num_threads`` or ``workers``: every element's randomness comes from
+    (seed, epoch, index).
+
     ``for batch in loader.epoch(e)`` yields that epoch's batches; the same (seed, epoch) gives the
     same batches. ``train=True`` shuffles, augments and random-crops; ``train=False`` keeps the
     manifest order and centre-crops. With ``shape`` every case is cropped/padded to it (needed
@@ -65,7 +68,7 @@ class Loader:
 
     def __init__(self, cases, cache: PreprocessCache, task: Task, *, batch_size: int, seed: int = 0,
                  train: bool = True, augment_cfg: AugmentConfig | None = AugmentConfig(), shape=None,
-                 drop_remainder: bool | None = None, num_threads: int = 2, prefetch: int = 2,
+                 drop_remainder: bool | None = None, num_threads: int = 2, prefetch: int = 2, workers: int = 0,
                  process_index: int | None = None, process_count: int | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -84,6 +87,7 @@ class Loader:
         self.drop_remainder = train if drop_remainder is None else drop_remainder
         self.read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
         self.process_index, self.process_count = process_index, process_count
+        self.workers = int(workers)
 
     def _prepare(self, sample: dict, rng: np.random.Generator) -> dict:
         if self.augment_cfg is not None:
@@ -106,8 +110,17 @@ class Loader:
         return ds.batch(self.batch_size, drop_remainder=self.drop_remainder, batch_fn=_collate)
 
     def epoch(self, epoch: int = 0):
-        """An iterator over this epoch's batches, computed ahead by background threads."""
-        return iter(self.dataset(epoch).to_iter_dataset(self.read_options))
+        """An iterator over this epoch's batches, computed ahead by background threads, or by
+        ``workers`` spawned processes (for many-core hosts: scipy's resampling holds the GIL)."""
+        it = self.dataset(epoch).to_iter_dataset(self.read_options)
+        if self.workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain 0.2.18's mp_prefetch reads an absl flag directly
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                             per_worker_buffer_size=self.read_options.prefetch_buffer_size))
+        return iter(it)
 
     def __len__(self) -> int:
         return len(self.dataset(0))
