@@ -144,7 +144,8 @@ def convert(state_dict: dict, extras: dict, arch: str, source: str, **overrides:
         p.update(_block(r, f"decoder_blocks.{i}", ("decoder_blocks", i), c.decoder_embed_dim, c.decoder_mlp_dim))
     report = r.finish()
 
-    model = MaeViT3d(c, rngs=nnx.Rngs(0))
+    # Built abstractly: every variable is overwritten, so random init would only cost time and memory.
+    model = nnx.eval_shape(lambda: MaeViT3d(c, rngs=nnx.Rngs(0)))
     assign(model, p, source)
     return model, {"config": c, "config_origin": origin, **report}
 

@@ -15,7 +15,7 @@ import vfm_align
 from converters.torch_reader import load_state_dict
 from vfm_align.errors import ConfigError, ConversionError, DataError
 from vfm_align.model_io import save_model
-from vfm_align.models.mae_vit3d import MaeViT3d, MaeViT3dConfig, patchify, unpatchify
+from vfm_align.models.mae_vit3d import MaeViT3dConfig, patchify, unpatchify
 
 TOL = 1e-4
 HEADS = {"num_heads": 4, "decoder_num_heads": 3}  # the fixture's head counts; not stored in its weights
@@ -110,6 +110,18 @@ def test_features_match_encode(converted, g):
     _close(f["pooled"], enc[:, 1:].mean(axis=1))
 
 
+def test_per_layer_features(converted, g):
+    model, _ = converted
+    with jax.default_matmul_precision("highest"):
+        f = nnx.jit(lambda m, x: m.features(x, layers=True))(model, g["x"])
+        first = nnx.jit(lambda m, t: m.blocks[0](t))(model, jnp.concatenate(
+            [jnp.broadcast_to(model.cls_token.get_value() + model.pos_embed.get_value()[:, :1], (2, 1, 48)),
+             model.patch_embed(patchify(g["x"], (4, 8, 8))) + model.pos_embed.get_value()[:, 1:]], axis=1))
+    assert f["layers"].shape == (2, 2, 25, 48)
+    _close(f["layers"][:, 0], first)  # block 0 on the embedded tokens
+    _close(model.norm(f["layers"][:, -1]), g["encoder_output"])  # the last block, once normed, is the encoder output
+
+
 def test_masking_from_rng_keeps_int_fraction(converted, g):
     model, _ = converted
     loss, pred, mask = nnx.jit(lambda m, x, k: m(x, mask_ratio=0.6, rng=k))(model, g["x"], jax.random.key(3))
@@ -167,16 +179,16 @@ def test_args_input_size_ignored_when_it_does_not_fit_the_table(ckpt):
     assert info["config"].img_size is None  # neither args nor the released size tile 24 tokens
 
 
-def test_input_shape_errors(converted, g):
+def test_input_shape_errors(converted, g, ckpt):
     model, _ = converted
     with pytest.raises(DataError, match="channels-last"):
         _encode(model, jnp.asarray(g["input"]))  # torch layout
     with pytest.raises(DataError, match="built for volumes"):
         _encode(model, jnp.zeros((1, 8, 32, 32, 3)))
-    open_grid = MaeViT3d(MaeViT3dConfig(patch_size=(4, 8, 8), embed_dim=12, depth=1, num_heads=2, mlp_dim=8,
-                                        decoder_embed_dim=6, decoder_depth=1, decoder_num_heads=1, decoder_mlp_dim=8,
-                                        num_patches=24, img_size=None), rngs=nnx.Rngs(0))
-    assert _encode(open_grid, jnp.zeros((1, 8, 24, 32, 3))).shape == (1, 25, 12)  # 2x3x4 grid: 24 tokens
+    sd, extras = load_state_dict(ckpt)
+    open_grid, info = pm.convert(sd, extras, "profound_mae_vit", "x.pth", img_size=None, **HEADS)
+    assert info["config"].img_size is None
+    assert _encode(open_grid, jnp.zeros((1, 8, 24, 32, 3))).shape == (1, 25, 48)  # 2x3x4 grid: 24 tokens
     with pytest.raises(DataError, match="30 tokens"):
         _encode(open_grid, jnp.zeros((1, 8, 24, 40, 3)))
     with pytest.raises(DataError, match="whole number"):

@@ -161,22 +161,32 @@ class MaeViT3d(nnx.Module):
         tokens = self.patch_embed(patchify(x, self.config.patch_size))
         return tokens + self.pos_embed.get_value()[:, 1:]
 
-    def _encode_tokens(self, tokens: jax.Array) -> jax.Array:
+    def _encode_tokens(self, tokens: jax.Array, hidden: list | None = None) -> jax.Array:
         cls = self.cls_token.get_value() + self.pos_embed.get_value()[:, :1]
         x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, cls.shape[-1])).astype(tokens.dtype), tokens], axis=1)
         for blk in self.blocks:
             x = blk(x)
+            if hidden is not None:
+                hidden.append(x)
         return self.norm(x)
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Unmasked encoder: (N, D, H, W, C) -> (N, 1 + T, E) after the final norm; token 0 is cls."""
         return self._encode_tokens(self._embed(x))
 
-    def features(self, x: jax.Array) -> dict[str, jax.Array]:
-        """cls (N, E), patch tokens (N, T, E) and their mean ``pooled`` (N, E), all after the final norm."""
-        z = self.encode(x)
+    def features(self, x: jax.Array, *, layers: bool = False) -> dict[str, jax.Array]:
+        """cls (N, E), patch tokens (N, T, E) and their mean ``pooled`` (N, E), all after the final norm.
+
+        ``layers=True`` adds "layers" (N, depth, 1 + T, E): every block's raw output (before the
+        final norm), for per-layer alignment scores.
+        """
+        hidden = [] if layers else None
+        z = self._encode_tokens(self._embed(x), hidden)
         patch = z[:, 1:]
-        return {"cls": z[:, 0], "patch": patch, "pooled": patch.mean(axis=1)}
+        out = {"cls": z[:, 0], "patch": patch, "pooled": patch.mean(axis=1)}
+        if layers:
+            out["layers"] = jnp.stack(hidden, axis=1)
+        return out
 
     # -- MAE ----------------------------------------------------------------------------------
     def forward_encoder(self, x: jax.Array, noise: jax.Array, mask_ratio: float):
