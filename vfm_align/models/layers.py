@@ -58,5 +58,37 @@ class Attention(nnx.Module):
         h = self.num_heads
         qkv = self.qkv(x).reshape(n, t, 3, h, d // h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, Dh)
-        out = jax.nn.dot_product_attention(q, k, v)
+        if jax.default_backend() == "cpu":
+            out = blocked_attention(q, k, v)
+        else:  # fused kernels (cuDNN flash on GPU) beat anything hand-written there
+            out = jax.nn.dot_product_attention(q, k, v)
         return self.proj(out.reshape(n, t, d))
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_block: int = 256) -> jax.Array:
+    """Exact softmax attention for XLA:CPU, (N, T, H, Dh) in and out.
+
+    XLA:CPU materialises the whole (N, H, T, T) score tensor and runs softmax as separate passes
+    over it (200 MB for ViT-S at 1031 tokens, batch 8). Here a loop runs over (sample, head) and,
+    inside, over blocks of ``q_block`` queries, so each score block (q_block x T) stays in cache
+    while it is exponentiated, summed and multiplied by V. Same math, no approximation: about
+    3-5x faster than the fused einsum form on CPU (scripts/bench/bench_provicnet.py).
+    """
+    n, t, h, dh = q.shape
+    scale = dh ** -0.5
+
+    def heads_first(a):
+        return a.transpose(0, 2, 1, 3).reshape(n * h, t, dh)
+
+    def one_head(args):
+        qh, kh, vh = args
+        kt = kh.T
+        outs = []
+        for s0 in range(0, t, q_block):
+            s = qh[s0: s0 + q_block] @ kt
+            e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+            outs.append((e @ vh) / e.sum(axis=-1, keepdims=True))
+        return jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+
+    out = jax.lax.map(one_head, (heads_first(q * scale), heads_first(k), heads_first(v)))
+    return out.reshape(n, h, t, dh).transpose(0, 2, 1, 3)

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""ProViCNet per-sequence model, full size, this project vs PyTorch on the same weights (CPU).
+
+Builds a compact PyTorch twin of the network (ViT-S/14, 4 registers, 12 blocks, MLP 1536,
+6 heads, slice-position tokens, conv_head8) with the reference state_dict key names and random
+weights, converts that state_dict with ``converters.convert_state_dict`` (so the full-size
+converter is exercised too), checks both outputs agree, then times both side by side in one
+run: compile time apart, medians and IQR over --reps calls, same thread count, float32.
+
+    python3 scripts/bench/bench_provicnet.py [--batch 8] [--reps 5] [--threads N] [--depth 12]
+
+Needs torch (the ``bench`` extra). CPU timings on a shared machine are noisy; the ratio measured
+in one run is the number to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, regs: int = 4, classes: int = 4):
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c))
+
+    class LayerScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(1 + 0.1 * torch.randn(dim))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x)))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attn(), LayerScale()
+            self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(), LayerScale()
+
+        def forward(self, x):
+            x = x + self.ls1(self.attn(self.norm1(x)))
+            return x + self.ls2(self.mlp(self.norm2(x)))
+
+    class PatchEmbed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, dim, 14, 14)
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+            self.register_tokens = nn.Parameter(0.02 * torch.randn(1, regs, dim))
+            self.mask_token = nn.Parameter(torch.zeros(1, dim))
+            self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + 37 * 37, dim))
+            self.patch_embed = PatchEmbed()
+            self.blocks = nn.ModuleList([Block() for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def up():
+        return nn.Upsample(scale_factor=2)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.segmentation_conv = nn.Sequential(
+                up(), nn.Conv2d(dim, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+                up(), nn.Conv2d(128, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                up(), nn.Conv2d(64, classes, 3, padding=1))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = Backbone(), Head()
+            self.axis_pos, self.axis_max = nn.Linear(1, dim), nn.Linear(1, dim)
+
+        def tokens(self, x, pos):
+            bb = self.backbone
+            b, _, h, w = x.shape
+            p = bb.patch_embed.proj(x).flatten(2).transpose(1, 2)
+            g = h // 14
+            grid = bb.pos_embed[:, 1:].reshape(1, 37, 37, dim).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(g, g), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, -1, dim)
+            cls = bb.cls_token + bb.pos_embed[:, :1]
+            t = torch.cat([cls.expand(b, -1, -1), bb.register_tokens.expand(b, -1, -1),
+                           self.axis_pos(pos[:, 0:1])[:, None], self.axis_max(pos[:, 1:2])[:, None], p + grid], 1)
+            for blk in bb.blocks:
+                t = blk(t)
+            return bb.norm(t)
+
+        def forward(self, x, pos):
+            t = self.tokens(x, pos)[:, 7:]
+            g = x.shape[2] // 14
+            return self.head.segmentation_conv(t.transpose(1, 2).reshape(x.shape[0], dim, g, g))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def _timeit(fn, reps: int) -> np.ndarray:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return np.asarray(out)
+
+
+def _fmt(ts: np.ndarray) -> str:
+    q1, med, q3 = np.percentile(ts, [25, 50, 75])
+    return f"{med:7.3f} s (IQR {q1:.3f}-{q3:.3f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=448)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from converters import convert_state_dict
+
+    torch.set_num_threads(args.threads)
+    net = _torch_model(args.depth)
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    model, info = convert_state_dict(sd, num_heads=6)
+    cfg = info["config"]
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, 3, args.size, args.size)).astype(np.float32)
+    z = 20.0
+    pos = np.stack([np.arange(args.batch, dtype=np.float32) % z, np.full(args.batch, z, np.float32)], 1)
+    x_t, pos_t = torch.from_numpy(x), torch.from_numpy(pos)
+    x_j, pos_j = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1))), jax.device_put(jnp.asarray(pos))
+
+    graphdef, state = nnx.split(model)
+
+    def jax_logits(state, x, pos):
+        return nnx.merge(graphdef, state)(x, pos)
+
+    def jax_tokens(state, x, pos):
+        return nnx.merge(graphdef, state).tokens(x, pos)[0]
+
+    print(f"ProViCNet full size: depth {cfg.depth}, width {cfg.embed_dim}, MLP {cfg.mlp_hidden}, {cfg.num_heads} heads, "
+          f"{cfg.num_registers} registers; batch {args.batch} x {args.size}x{args.size}x3 float32")
+    print(f"jax {jax.__version__} ({jax.default_backend()}, {len(jax.devices())} device(s)), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    rows = []
+    for name, jfn, tfn in (("encoder (normed tokens)", jax_tokens, net.tokens), ("full model (logits)", jax_logits, net)):
+        t0 = time.perf_counter()
+        compiled = jax.jit(jfn).lower(state, x_j, pos_j).compile()
+        compile_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            ref = tfn(x_t, pos_t).numpy()
+            tfn(x_t, pos_t)
+            t_torch = _timeit(lambda: tfn(x_t, pos_t), args.reps)
+        out = np.asarray(jax.block_until_ready(compiled(state, x_j, pos_j)))
+        jax.block_until_ready(compiled(state, x_j, pos_j))
+        t_jax = _timeit(lambda: jax.block_until_ready(compiled(state, x_j, pos_j)), args.reps)
+        if out.ndim == 4:
+            out = out.transpose(0, 3, 1, 2)
+        err = float(np.abs(out - ref).max())
+        ratio = np.median(t_torch) / np.median(t_jax)
+        rows.append((name, t_jax, t_torch, ratio))
+        print(f"\n{name}: max |jax - torch| = {err:.2e} (scale {np.abs(ref).max():.2f}); jax compile {compile_s:.1f} s")
+        print(f"  vfm-align (JAX) {_fmt(t_jax)}")
+        print(f"  PyTorch         {_fmt(t_torch)}")
+        print(f"  throughput ratio (torch time / jax time) = {ratio:.2f}x  [{args.batch / np.median(t_jax):.2f} vs "
+              f"{args.batch / np.median(t_torch):.2f} slices/s]")
+
+
+if __name__ == "__main__":
+    main()
