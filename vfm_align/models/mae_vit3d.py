@@ -192,7 +192,7 @@ class MaeViT3d(nnx.Module):
     def forward_encoder(self, x: jax.Array, noise: jax.Array, mask_ratio: float):
         """Masked encoder. Returns latent (N, 1+K, E), mask (N, T) with 1 = removed, ids_restore (N, T)."""
         tokens = self._embed(x)
-        n, t, e = tokens.shape
+        n, t, _ = tokens.shape
         if noise.shape != (n, t):
             raise DataError(f"noise must have shape {(n, t)} (batch, tokens), got {tuple(noise.shape)}")
         keep = int(t * (1 - mask_ratio))
@@ -230,6 +230,7 @@ class MaeViT3d(nnx.Module):
         """MAE forward: returns (loss, pred (N, T, pd*ph*pw*C), mask (N, T)).
 
         The masking noise is ``noise`` if given, else uniform noise drawn from the PRNG key ``rng``.
+        ``mask_ratio`` is a Python float (it fixes the number of kept tokens, a static shape).
         """
         if noise is None:
             if rng is None:
