@@ -39,7 +39,7 @@ def _run(cfg, data, state_host, layout, steps=2):
     return init, losses, state
 
 
-@pytest.mark.parametrize("backbone", ["provicnet", "profound_mae"])
+@pytest.mark.parametrize("backbone", ["provicnet", "profound_conv"])
 def test_layouts_match_single_device(backbone):
     cfg = base_config(backbone, "segmentation", "tiny")
     cfg.optim.warmup_steps = 0

@@ -5,6 +5,8 @@
 
     data = {"train": {"image": (N,D,H,W,C), "target": ...}, "val": {...}}
 
+or ``train`` / ``val`` objects from :mod:`vfm_align.train.data` (a cohort through the loader).
+
 Batches are chosen by ``(seed, step)`` alone (a fresh permutation per epoch), the per-step rng is
 ``fold_in(seed, step)`` and the optimizer state is checkpointed, so a killed run resumed from its
 last checkpoint replays exactly the steps an uninterrupted run would take.
@@ -26,7 +28,7 @@ from vfm_align.errors import ConfigError, VfmAlignError
 from vfm_align.models.task_model import TaskModel, task_kind
 from vfm_align.train import mesh as M
 from vfm_align.train.checkpoint import RunCheckpoints
-from vfm_align.train.metrics import PRIMARY, evaluate
+from vfm_align.train.data import ArrayBatches, ArrayValidation, batch_indices  # noqa: F401 (re-exported)
 from vfm_align.train.monitor import AlignmentMonitor
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.state import create_state
@@ -63,14 +65,6 @@ def build_task_model(cfg, input_shape):
                      slice_size=m.get("slice_size") or None, rngs=nnx.Rngs(cfg.run.seed + 1))
 
 
-def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
-    """Rows of global batch ``step``: consecutive slices of a per-epoch seeded permutation."""
-    per_epoch = max(n // batch, 1)
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch:(k + 1) * batch]
-
-
 class _Logger:
     """Metrics to RUN/metrics.jsonl (and TensorBoard when tensorboardX is installed)."""
 
@@ -101,14 +95,6 @@ class _Logger:
             self.tb.close()
 
 
-def _check(data, split):
-    if split not in data or "image" not in data[split] or "target" not in data[split]:
-        raise ConfigError(f"data needs '{split}' with 'image' and 'target' arrays")
-    x = data[split]["image"]
-    if x.ndim != 5:
-        raise ConfigError(f"data['{split}']['image'] must be (N, D, H, W, C), got shape {x.shape}")
-
-
 def _predict(eval_fn, state, images, batch):
     """Eval-mode predictions for all rows; the last batch is padded to the mesh-divisible size."""
     n = images.shape[0]
@@ -128,23 +114,21 @@ def fit(cfg, data, *, workdir: str | None = None, build=None, stop_after: int | 
     Summary: {"losses": {step: loss}, "val": [...], "align": [...], "best": {...}, "state": final state,
     "shardings": ...}.
     """
-    _check(data, "train")
-    _check(data, "val")
     workdir = os.path.abspath(workdir or cfg.run.workdir)
     os.makedirs(workdir, exist_ok=True)
     t = cfg.train
     kind = task_kind(cfg.task.name)
     seed = int(cfg.run.seed)
-    train, val = data["train"], data["val"]
-    n_train = train["image"].shape[0]
     gbatch = int(t.batch_size)
+    if "train" not in data or "val" not in data:
+        raise ConfigError("data needs a 'train' and a 'val' entry")
+    train = data["train"] if hasattr(data["train"], "batch") else ArrayBatches(data["train"], gbatch, seed)
+    val = data["val"] if hasattr(data["val"], "evaluate") else ArrayValidation(data["val"], kind)
     mesh = M.make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp))
     if gbatch % mesh.size:
         raise ConfigError(f"train.batch_size {gbatch} must be divisible by the {mesh.size} devices of the mesh")
-    if n_train < gbatch:
-        raise ConfigError(f"train split has {n_train} cases, fewer than train.batch_size {gbatch}")
     if build is None:
-        build = lambda: build_task_model(cfg, train["image"].shape[1:])  # noqa: E731
+        build = lambda: build_task_model(cfg, train.input_shape)  # noqa: E731
     total = int(t.steps)
     compute_dtype = jnp.dtype(t.compute_dtype)
     with jax.set_mesh(mesh):
@@ -165,7 +149,7 @@ def fit(cfg, data, *, workdir: str | None = None, build=None, stop_after: int | 
         monitor = None
         a = cfg.align
         if int(a.every) > 0:
-            probe = val["image"][: int(a.probe_cases)]
+            probe = val.images[: int(a.probe_cases)]
             probe = probe[: (len(probe) // mesh.size) * mesh.size]
             if len(probe) == 0:
                 raise ConfigError(f"align.probe_cases must give at least {mesh.size} validation cases")
@@ -174,7 +158,7 @@ def fit(cfg, data, *, workdir: str | None = None, build=None, stop_after: int | 
                                        num_features=int(a.num_features), max_rows=int(a.max_rows), seed=seed)
             monitor.bank(state)  # the pretrained features, before any update or restore
 
-        primary = PRIMARY[kind]
+        primary = val.primary
         ckpts = RunCheckpoints(os.path.join(workdir, "checkpoints"), best_metric=primary, best_mode="max",
                                async_save=bool(t.async_checkpoint))
         start = 0
@@ -203,8 +187,7 @@ def fit(cfg, data, *, workdir: str | None = None, build=None, stop_after: int | 
 
         try:
             for s in bar:
-                idx = batch_indices(n_train, gbatch, s, seed)[M.process_rows(gbatch)]
-                batch = M.global_batch({"image": train["image"][idx], "target": train["target"][idx]}, mesh)
+                batch = M.global_batch(train.batch(s), mesh)
                 state, metrics = step_fn(state, batch)
                 pending.append((s, metrics))
                 if s == start:
@@ -226,8 +209,7 @@ def fit(cfg, data, *, workdir: str | None = None, build=None, stop_after: int | 
                     log.write(done, "align", scores)
                 if done % int(t.eval_every) == 0 or done == total:
                     drain()
-                    pred = _predict(eval_fn, state, val["image"], gbatch)
-                    vm = evaluate(kind, pred, val["target"])
+                    vm = val.evaluate(_predict(eval_fn, state, val.images, gbatch))
                     summary["val"].append({"step": done, **vm})
                     log.write(done, "val", vm)
                     if math.isfinite(vm[primary]):

@@ -43,7 +43,8 @@ def base_config(backbone: str, task: str, variant: str = "default") -> mlc.Confi
                    feature_site="", head_hidden=16 if tiny else 64, freeze_backbone=False,
                    slice_channel=0, slice_window=3, slice_size=0 if tiny else 448)
     c.task = dict(name=task, num_outputs=TASK_OUTPUTS[task], loss="")
-    c.data = dict(root="", shape=(16, 32, 32) if tiny else (64, 224, 224), cases=64 if tiny else 0)
+    # root: a cohort manifest; cache: the preprocessing cache (default: beside the manifest).
+    c.data = dict(root="", cache="", shape=(16, 32, 32) if tiny else (64, 224, 224))
     # AdamW + warmup/cosine, as ProFound's fine-tuning engines (reference-models.md 2.7).
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 1e-4, min_lr=1e-6, warmup_steps=5 if tiny else 200,
                    weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8, layer_decay=1.0 if tiny else 0.75,

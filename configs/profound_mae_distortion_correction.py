@@ -1,0 +1,20 @@
+"""Fine-tune profound_mae on distortion correction: undo a susceptibility warp along H; residual restoration decoder; L1; primary metric PSNR.
+
+Run (the cohort is a manifest, e.g. one written by the phantom generator)::
+
+    vfm-align finetune --config configs/profound_mae_distortion_correction.py --config.data.root=PATH/manifest.csv
+    vfm-align finetune --config configs/profound_mae_distortion_correction.py:tiny --config.data.root=... --config.train.steps=60
+
+``:tiny`` gives CPU-sized widths and 16x32x32 crops (a smoke run takes a few minutes on 2 CPU
+cores); the default is the released model size and needs a GPU. Pass
+--config.model.pretrained=DIR (a converted model directory) to start from pretrained weights.
+"""
+
+from vfm_align.train.recipes import base_config
+
+
+def get_config(variant: str = "default"):
+    cfg = base_config("profound_mae", "distortion_correction", variant)
+    # ProFound MAE-ViT: layer-wise decay over the 12 blocks, as MAE fine-tuning does.
+    cfg.optim.layer_decay = 0.75 if variant == "default" else 1.0
+    return cfg

@@ -1,0 +1,21 @@
+"""Fine-tune provicnet on detection: csPCa lesion likelihood map; Dice+CE; primary metric PI-CAI score.
+
+Run (the cohort is a manifest, e.g. one written by the phantom generator)::
+
+    vfm-align finetune --config configs/provicnet_detection.py --config.data.root=PATH/manifest.csv
+    vfm-align finetune --config configs/provicnet_detection.py:tiny --config.data.root=... --config.train.steps=60
+
+``:tiny`` gives CPU-sized widths and 16x32x32 crops (a smoke run takes a few minutes on 2 CPU
+cores); the default is the released model size and needs a GPU. Pass
+--config.model.pretrained=DIR (a converted model directory) to start from pretrained weights.
+"""
+
+from vfm_align.train.recipes import base_config
+
+
+def get_config(variant: str = "default"):
+    cfg = base_config("provicnet", "detection", variant)
+    # ProViCNet fine-tuning: backbone lr 0.05x the head's (reference-models.md 4.5).
+    cfg.optim.backbone_lr_mult = 0.05
+    cfg.optim.layer_decay = 1.0
+    return cfg
