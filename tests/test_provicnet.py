@@ -181,3 +181,21 @@ def test_config_overrides(t2_sd):
         convert_state_dict(t2_sd, heads=6)
     model, info = convert_state_dict(t2_sd, num_heads=3)
     assert info["config"].num_heads == 3 and model.blocks[0].attn.num_heads == 3
+
+
+def _numpy_attention(q, k, v):
+    q, k, v = (a.astype(np.float64).transpose(0, 2, 1, 3) for a in (q, k, v))  # (N, H, T, Dh)
+    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("t, q_block", [(300, 128), (37, 256)])
+def test_blocked_attention_is_exact(t, q_block):
+    from vfm_align.models.layers import blocked_attention
+
+    rng = np.random.default_rng(t)
+    q, k, v = (rng.normal(scale=2.0, size=(2, t, 3, 16)).astype(np.float32) for _ in range(3))
+    out = jax.jit(lambda a, b, c: blocked_attention(a, b, c, q_block=q_block))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=2e-5)
