@@ -199,3 +199,13 @@ def test_blocked_attention_is_exact(t, q_block):
     q, k, v = (rng.normal(scale=2.0, size=(2, t, 3, 16)).astype(np.float32) for _ in range(3))
     out = jax.jit(lambda a, b, c: blocked_attention(a, b, c, q_block=q_block))(q, k, v)
     np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=2e-5)
+
+
+def test_img_size_override_resizes_the_table_for_that_grid(t2_sd):
+    model, info = convert_state_dict(t2_sd, img_size=224)
+    assert info["config"].grid == 16 and model.pos_embed[...].shape == (1, 257, 384)
+    src = t2_sd["backbone.pos_embed"]
+    np.testing.assert_array_equal(np.asarray(model.pos_embed_src[...]), src)
+    np.testing.assert_allclose(np.asarray(model.pos_embed[...]), np.asarray(resize_pos_table(src, 37, 16)), atol=0)
+    # the class row is never resized
+    np.testing.assert_array_equal(np.asarray(model.pos_embed[...])[:, 0], src[:, 0])
