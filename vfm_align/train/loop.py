@@ -95,7 +95,7 @@ class _Logger:
             self.tb.close()
 
 
-def _predict(eval_fn, state, images, batch):
+def _predict(eval_fn, state, images, batch, mesh):
     """Eval-mode predictions for all rows; the last batch is padded to the mesh-divisible size."""
     n = images.shape[0]
     outs = []
@@ -104,7 +104,11 @@ def _predict(eval_fn, state, images, batch):
         pad = batch - x.shape[0]
         if pad:
             x = np.concatenate([x, np.repeat(x[-1:], pad, 0)])
-        outs.append(eval_fn(state, x))
+        outs.append(eval_fn(state, M.global_batch({"x": x[M.process_rows(batch)]}, mesh)["x"]))
+    if jax.process_count() > 1:  # every host scores the whole split
+        from jax.experimental import multihost_utils
+
+        outs = [multihost_utils.process_allgather(o, tiled=True) for o in outs]
     return np.concatenate([np.asarray(jax.device_get(o)) for o in outs])[:n]
 
 
@@ -209,7 +213,7 @@ def fit(cfg, data, *, workdir: str | None = None, build=None, stop_after: int | 
                     log.write(done, "align", scores)
                 if done % int(t.eval_every) == 0 or done == total:
                     drain()
-                    vm = val.evaluate(_predict(eval_fn, state, val.images, gbatch))
+                    vm = val.evaluate(_predict(eval_fn, state, val.images, gbatch, mesh))
                     summary["val"].append({"step": done, **vm})
                     log.write(done, "val", vm)
                     if math.isfinite(vm[primary]):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 AUX_WEIGHT = 0.4
 
@@ -17,7 +16,10 @@ AUX_WEIGHT = 0.4
 def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights=None) -> jax.Array:
     """Mean softmax CE; ``labels`` are integer class ids with the shape of logits[..., 0]."""
     logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    # One-hot form: the gather in optax's integer-label CE transposes to a scatter that XLA:CPU
+    # spends seconds constant-folding on dense (voxel-wise) outputs.
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    ce = -(onehot * jax.nn.log_softmax(logits, axis=-1)).sum(-1)
     if class_weights is None:
         return ce.mean()
     w = jnp.asarray(class_weights, jnp.float32)[labels]

@@ -1,0 +1,126 @@
+"""Losses, optimizer grouping, gradient accumulation, 2.5D slicing and recipe overrides (fast unit checks)."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from vfm_align.errors import ConfigError
+from vfm_align.models.task_model import volume_to_slices, window_index
+from vfm_align.train import losses as L
+from vfm_align.train.optim import make_optimizer, param_labels
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_dice_ce_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 4, 5, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, (2, 3, 4, 5))
+    p = _np_softmax(logits.astype(np.float64))
+    oh = np.eye(3)[labels]
+    ce = -(oh * np.log(p)).sum(-1).mean()
+    inter = (p * oh)[..., 1:].sum((1, 2, 3))
+    den = p[..., 1:].sum((1, 2, 3)) + oh[..., 1:].sum((1, 2, 3))
+    dice = (1 - (2 * inter + 1e-5) / (den + 1e-5)).mean()  # MONAI: include_background=False, mean over (N, C)
+    with jax.default_matmul_precision("highest"):
+        got = float(L.dice_ce(jnp.asarray(logits), jnp.asarray(labels)))
+        aux = float(L.dice_ce(jnp.asarray(logits), jnp.asarray(labels), aux_logits=jnp.asarray(logits)))
+    assert got == pytest.approx(ce + dice, rel=1e-5)
+    assert aux == pytest.approx(1.4 * (ce + dice), rel=1e-5)  # auxiliary output weighted 0.4
+
+
+def test_l1_l2_and_weighted_ce():
+    a, b = jnp.array([[1.0, -2.0]]), jnp.array([[0.5, 0.0]])
+    assert float(L.l1(a, b)) == pytest.approx(1.25)
+    assert float(L.l2(a, b)) == pytest.approx((0.25 + 4.0) / 2)
+    logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
+    per = -np.log(_np_softmax(np.array([[2.0, 0.0], [0.0, 2.0]])))[[0, 1], [1, 1]]
+    got = float(L.cross_entropy(logits, jnp.array([1, 1]), class_weights=[1.0, 3.0]))
+    assert got == pytest.approx(per.mean(), rel=1e-6)
+
+
+def _optim_cfg(**kw):
+    base = dict(name="adamw", lr=1e-2, min_lr=0.0, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+                layer_decay=1.0, backbone_lr_mult=1.0, clip_norm=0.0, grad_accum=1)
+    base.update(kw)
+    return mlc.ConfigDict(base)
+
+
+def _convnext_like():
+    z = lambda *s: jnp.zeros(s)  # noqa: E731
+    return {"backbone": {"downsample_layers": {0: {"kernel": z(4, 4)}, 1: {"kernel": z(4, 4)}},
+                         "stages": {0: {0: {"kernel": z(4, 4)}, 1: {"kernel": z(4, 4)}}, 1: {0: {"kernel": z(4, 4)}}},
+                         "norm": {"scale": z(4)}},
+            "head": {"kernel": z(4, 2), "bias": z(2)}}
+
+
+def test_layer_decay_labels_follow_profound_layer_ids():
+    labels, scales = param_labels(_convnext_like(), layer_decay=0.5)
+    bb = labels["backbone"]
+    # depths (2, 1): downsample_layers.i -> sum(depths[:i]) + 1; stages.s.b -> sum(depths[:s]) + b + 1; rest -> 4
+    assert bb["downsample_layers"][0]["kernel"] == "layer001/decay"
+    assert bb["stages"][0][1]["kernel"] == "layer002/decay"
+    assert bb["downsample_layers"][1]["kernel"] == "layer003/decay"
+    assert bb["stages"][1][0]["kernel"] == "layer003/decay"
+    assert bb["norm"]["scale"] == "layer004/nodecay"
+    assert labels["head"]["bias"] == "head/nodecay"
+    assert scales["layer001/decay"] == pytest.approx(0.5 ** 3) and scales["layer004/nodecay"] == 1.0
+
+
+def test_frozen_backbone_gets_no_update_and_head_does():
+    params = _convnext_like()
+    tx, _ = make_optimizer(_optim_cfg(), params, 10, freeze_backbone=True)
+    grads = jax.tree.map(jnp.ones_like, params)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(upd["backbone"]))
+    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(upd["head"]))
+
+
+def test_grad_accumulation_equals_one_big_step():
+    params = {"head": {"kernel": jnp.array([[1.0, -1.0], [0.5, 2.0]])}}
+    g1 = {"head": {"kernel": jnp.array([[0.2, 0.1], [-0.3, 0.4]])}}
+    g2 = {"head": {"kernel": jnp.array([[0.6, -0.5], [0.1, 0.0]])}}
+    big, _ = make_optimizer(_optim_cfg(), params, 10)
+    acc, _ = make_optimizer(_optim_cfg(grad_accum=2), params, 20)
+    upd, _ = big.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2), big.init(params), params)
+    expected = optax.apply_updates(params, upd)
+    s = acc.init(params)
+    u1, s = acc.update(g1, s, params)
+    p1 = optax.apply_updates(params, u1)
+    np.testing.assert_array_equal(p1["head"]["kernel"], params["head"]["kernel"])  # no update mid-accumulation
+    u2, s = acc.update(g2, s, p1)
+    np.testing.assert_allclose(optax.apply_updates(p1, u2)["head"]["kernel"], expected["head"]["kernel"], rtol=1e-6)
+
+
+def test_slices_shift_inward_at_the_edges():
+    np.testing.assert_array_equal(np.asarray(window_index(5, 3)), [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]])
+    x = jnp.arange(2 * 4 * 2 * 2 * 3, dtype=jnp.float32).reshape(2, 4, 2, 2, 3)
+    s, pos = volume_to_slices(x, channel=1, window=3, size=None)
+    assert s.shape == (8, 2, 2, 3)
+    np.testing.assert_array_equal(np.asarray(s[5, :, :, 2]), np.asarray(x[1, 2, :, :, 1]))  # case 1, slice 1 -> slices 0..2
+    np.testing.assert_array_equal(np.asarray(pos[5]), [1.0, 4.0])
+    with pytest.raises(ConfigError, match="fewer than the 2.5D window"):
+        window_index(2, 3)
+
+
+def test_recipe_overrides_are_typed_and_checked(tmp_path):
+    from vfm_align.cli.finetune import load_config
+
+    recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "provicnet_segmentation.py")
+    cfg = load_config(recipe + ":tiny",
+                      ["--config.optim.lr=3e-4", "--config.train.steps", "7", "--config.model.freeze_backbone=true",
+                       "--config.data.shape=(16, 64, 64)", "--config.optim.warmup_steps=0"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.model.freeze_backbone is True
+    assert tuple(cfg.data.shape) == (16, 64, 64) and cfg.optim.backbone_lr_mult == 0.05
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(recipe, ["--config.optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected true/false"):
+        load_config(recipe, ["--config.model.freeze_backbone=maybe"])
