@@ -12,9 +12,13 @@ _spec.loader.exec_module(_default)
 
 
 def get_config():
-    cfg = _default.get_config(pretrain_steps=4, finetune_steps=4, cases=12)
+    cfg = _default.get_config(pretrain_steps=3, finetune_steps=4, cases=10)
+    for b in cfg.backbones:  # one block each: compile time dominates a run this short
+        b.pretrain.model.depth = 1
+        b.pretrain.batch_size = 2
+    cfg.finetune.batch_size = 2
     cfg.finetune.eval_every = 2
-    cfg.finetune.probe_cases = 4
+    cfg.finetune.probe_cases = 2
     cfg.num_permutations = 200
     cfg.num_bootstrap = 300
     cfg.num_correlation_permutations = 300

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from vfm_align.models.task_model import TaskModel
 from vfm_align.study import taskdata
-from vfm_align.study.backbones import FAMILIES, GridFeatures
+from vfm_align.study.backbones import FAMILIES, GridFeatures, fresh_backbone
 from vfm_align.train.mesh import global_batch
 from vfm_align.train.monitor import AlignmentMonitor
 from vfm_align.train.optim import make_optimizer
@@ -33,16 +33,19 @@ def build_task_model(family: str, backbone: nnx.Module, task: str, input_shape, 
                      rngs=nnx.Rngs(seed))
 
 
-def run_finetune(family: str, backbone: nnx.Module, task: str, data: dict, probe: np.ndarray, cfg, mesh, *,
-                 seed: int, desc: str = "", progress: bool = True) -> dict:
-    """Fine-tune ``backbone`` on ``task``; returns metric and alignment curves (plain Python values)."""
-    spec = taskdata.get_spec(task)
+def run_finetune(family: str, config, pretrained: nnx.Module | None, task: str, data: dict, probe: np.ndarray, cfg,
+                 mesh, *, seed: int, desc: str = "", progress: bool = True) -> dict:
+    """Fine-tune a ``family`` backbone of ``config`` on ``task``, from ``pretrained`` weights or (None) from a
+    random initialisation; returns metric and alignment curves (plain Python values)."""
+    spec = taskdata.get_spec(task, seed)
     input_shape = data["train"]["image"].shape[1:]
-    model = build_task_model(family, backbone, task, input_shape, cfg, seed)
     steps = int(cfg.steps)
-    tx, _ = make_optimizer(cfg.optim, nnx.state(model, nnx.Param), steps)
-    gdef_t, gdef_e, state, sh = create_state(model, tx, mesh)
-    key = (family, task, input_shape, steps, id(mesh))
+    build = lambda: build_task_model(family, fresh_backbone(family, config, seed + 1), task, input_shape, cfg, seed)  # noqa: E731
+    gdef_t, gdef_e, state, sh, tx = create_state(
+        build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh,
+        backbone=None if pretrained is None else GridFeatures(pretrained, family))
+    # Tasks with the same head, loss and shapes (super-resolution, distortion correction) share one compile.
+    key = (family, spec.kind, spec.loss, spec.num_outputs, input_shape, steps, id(mesh))
     cached = _CACHE.get(key)
     if cached is None or cached[0] != gdef_t or cached[1] != gdef_e:
         train = jit_train_step(make_train_step(gdef_t, task_loss(spec.kind, spec.loss), tx, kind=spec.kind,
@@ -54,10 +57,9 @@ def run_finetune(family: str, backbone: nnx.Module, task: str, data: dict, probe
                                num_features=int(cfg.rff_features), max_rows=int(cfg.max_rows), seed=seed)
     monitor.bank(state)
     val_x = global_batch({"x": data["val"]["image"]}, mesh)["x"]
-    val_y = data["val"]["target"]
 
     def evaluate(state):
-        return taskdata.evaluate(task, np.asarray(jax.device_get(eval_step(state, val_x))), val_y)
+        return taskdata.evaluate(task, np.asarray(jax.device_get(eval_step(state, val_x))), data["val"], seed=seed)
 
     rng = np.random.default_rng(seed)
     n, bs = len(data["train"]["image"]), int(cfg.batch_size)

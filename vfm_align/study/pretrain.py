@@ -58,11 +58,10 @@ def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool =
         return read_sidecar(out_dir).get("pretraining", {})
     family = cfg.backbone
     config = backbone_config(family, cfg.model, tuple(data["image"].shape[1:4]))
-    model = fresh_backbone(family, config, int(cfg.seed))
     mesh = study_mesh(cfg.mesh)
     steps = int(cfg.steps)
-    tx, _ = make_optimizer(cfg.optim, nnx.state(model, nnx.Param), steps)
-    gdef, _, state, sh = create_state(model, tx, mesh)
+    gdef, _, state, sh, tx = create_state(lambda: fresh_backbone(family, config, int(cfg.seed)),
+                                          lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
     from vfm_align.train.mesh import batch_sharding
 
     step = jax.jit(_step_fn(gdef, make_objective(cfg.objective, cfg.objective_args), tx, int(cfg.seed)),
@@ -80,7 +79,8 @@ def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool =
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             curve.append({"step": i + 1, **m})
             bar.set_postfix(loss=f"{m['loss']:.4f}")
-    nnx.update(model, state["params"], state["rest"])
+    model = nnx.merge(gdef, state["params"], state["rest"])
+    model.eval()
     extra = {"pretraining": {"objective": cfg.objective, "steps": steps, "curve": curve,
                              "config": cfg.to_dict()}}
     save_model(model, ARCHS[family], config, out_dir, extra=extra)

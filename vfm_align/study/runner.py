@@ -19,9 +19,9 @@ from rich.console import Console
 from vfm_align import model_io
 from vfm_align.errors import ConfigError
 from vfm_align.study import taskdata
-from vfm_align.study.backbones import backbone_config, fresh_backbone
+from vfm_align.models.registry import config_from_dict
 from vfm_align.study.finetune import run_finetune, steps_to_fraction
-from vfm_align.study.permutation import paired_mmd_test
+from vfm_align.align.permutation import mmd_test
 from vfm_align.study.pretrain import pretrain, study_mesh
 from vfm_align.study.stats import correlate
 
@@ -94,17 +94,17 @@ def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
             console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: done earlier, skipped")
             continue
         family = b.family
-        if init == "pretrained":
-            backbone = model_io.load(dirs[b.name])
-        else:
-            meta = model_io.read_sidecar(dirs[b.name])
-            from vfm_align.models.registry import config_from_dict
-
-            backbone = fresh_backbone(family, config_from_dict(meta["arch"], meta["config"]), int(cfg.seed) + 1)
-        res = run_finetune(family, backbone, t, task_data[t], probe, cfg.finetune, mesh, seed=int(cfg.seed),
+        meta = model_io.read_sidecar(dirs[b.name])
+        config = config_from_dict(meta["arch"], meta["config"])
+        pretrained = model_io.load(dirs[b.name]) if init == "pretrained" else None
+        res = run_finetune(family, config, pretrained, t, task_data[t], probe, cfg.finetune, mesh, seed=int(cfg.seed),
                            desc=f"[{done}/{len(todo)}] {b.name}/{t}/{init}", progress=progress)
-        tests = {s: paired_mmd_test(x, y, num_permutations=int(cfg.num_permutations), seed=int(cfg.seed))
-                 for s, (x, y) in res.pop("pairs").items()}
+        tests = {}
+        for s, (x, y) in res.pop("pairs").items():  # same inputs before/after: swap within pairs
+            r = mmd_test(x, y, int(cfg.num_permutations), paired=True, num_features=int(cfg.finetune.rff_features),
+                         seed=int(cfg.seed))
+            tests[s] = {"statistic": float(r.statistic), "p_value": float(r.p_value),
+                        "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0])}
         _write_json(path, {"backbone": b.name, "family": family, "task": t, "init": init, "tests": tests, **res})
         console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: {res['metric_name']} {res['final_metric']:.4f}")
     results = summarise(cfg, out_dir)
