@@ -152,6 +152,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--attention", choices=("default", "xla"), default="default",
+                    help="'xla': swap the CPU blocked attention for jax.nn.dot_product_attention (the naive baseline)")
+    ap.add_argument("--only", choices=("encoder", "full"), default=None, help="time one of the two networks")
     args = ap.parse_args()
 
     import jax
@@ -160,6 +163,11 @@ def main() -> None:
     from flax import nnx
 
     from converters import convert_state_dict
+
+    if args.attention == "xla":
+        import vfm_align.models.layers as layers
+
+        layers.blocked_attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
 
     torch.set_num_threads(args.threads)
     net = _torch_model(args.depth)
@@ -182,13 +190,17 @@ def main() -> None:
     def jax_tokens(state, x, pos):
         return nnx.merge(graphdef, state).tokens(x, pos)[0]
 
+    print(f"attention: {'jax.nn.dot_product_attention (naive baseline)' if args.attention == 'xla' else 'project default'}")
     print(f"ProViCNet full size: depth {cfg.depth}, width {cfg.embed_dim}, MLP {cfg.mlp_hidden}, {cfg.num_heads} heads, "
           f"{cfg.num_registers} registers; batch {args.batch} x {args.size}x{args.size}x3 float32")
     print(f"jax {jax.__version__} ({jax.default_backend()}, {len(jax.devices())} device(s)), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
-    for name, jfn, tfn in (("encoder (normed tokens)", jax_tokens, net.tokens), ("full model (logits)", jax_logits, net)):
+    cases = [("encoder", "encoder (normed tokens)", jax_tokens, net.tokens), ("full", "full model (logits)", jax_logits, net)]
+    for key, name, jfn, tfn in cases:
+        if args.only and key != args.only:
+            continue
         t0 = time.perf_counter()
         compiled = jax.jit(jfn).lower(state, x_j, pos_j).compile()
         compile_s = time.perf_counter() - t0

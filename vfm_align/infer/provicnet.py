@@ -121,16 +121,23 @@ def _runner(model, what: str):
 
 
 def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int, desc: str, progress: bool) -> np.ndarray:
-    """Run ``fn`` over the leading axis in fixed-size batches (last one padded: one compile)."""
+    """Run ``fn`` over the leading axis in fixed-size batches (last one padded: one compile).
+
+    Batch i+1 is dispatched before batch i is fetched, so host-side slicing overlaps device work.
+    """
     total = arrays[0].shape[0]
-    outs = []
+    outs, pending = [], None
     starts = range(0, total, batch_size)
     for s in tqdm(starts, desc=desc, unit="batch", disable=not progress, total=len(starts)):
         chunk = [a[s: s + batch_size] for a in arrays]
         n = chunk[0].shape[0]
         if n < batch_size:
             chunk = [np.concatenate([c, np.zeros((batch_size - n, *c.shape[1:]), c.dtype)]) for c in chunk]
-        outs.append(np.asarray(fn(*chunk))[:n])
+        out = fn(*chunk)
+        if pending is not None:
+            outs.append(np.asarray(pending[0])[: pending[1]])
+        pending = (out, n)
+    outs.append(np.asarray(pending[0])[: pending[1]])
     return np.concatenate(outs)
 
 
