@@ -41,14 +41,14 @@ def _dim(r: KeyReader, key: str, axis: int, default: int) -> int:
 
 def _make_config(cls, inferred: dict, overrides: dict, source: str):
     fields = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}  # JSON lists
     unknown = set(overrides) - fields
     if unknown:
         raise ConfigError(f"{source}: unknown config override(s) {sorted(unknown)}; known: {sorted(fields)}")
     clash = {k: (inferred[k], v) for k, v in overrides.items() if k in inferred and inferred[k] != v}
     if clash:
         raise ConfigError(f"{source}: override(s) contradict the weights (weights, override): {clash}")
-    merged = {**inferred, **overrides}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+    return cls(**{**inferred, **overrides})
 
 
 def _bn(r: KeyReader, prefix: str, c: int) -> dict:

@@ -179,6 +179,7 @@ def test_config_overrides(t2_sd):
         convert_state_dict(t2_sd, embed_dim=192)
     with pytest.raises(ConfigError, match="unknown"):
         convert_state_dict(t2_sd, heads=6)
+    assert convert_state_dict(t2_sd, head_channels=[128, 64])[1]["config"].head_channels == (128, 64)  # CLI JSON list
     model, info = convert_state_dict(t2_sd, num_heads=3)
     assert info["config"].num_heads == 3 and model.blocks[0].attn.num_heads == 3
 
