@@ -210,3 +210,30 @@ def test_img_size_override_resizes_the_table_for_that_grid(t2_sd):
     np.testing.assert_allclose(np.asarray(model.pos_embed[...]), np.asarray(resize_pos_table(src, 37, 16)), atol=0)
     # the class row is never resized
     np.testing.assert_array_equal(np.asarray(model.pos_embed[...])[:, 0], src[:, 0])
+
+
+@pytest.mark.parametrize("entry", ["provicnet_contrastive", "provicnet_fusion"])
+def test_full_size_key_manifest_converts(fixtures_dir, entry):
+    """Every key of the released models (shapes from the manifest, random values) is consumed or ignored."""
+    import json
+
+    manifest = json.load(open(fixtures_dir / "manifests.json"))[entry]
+    rng = np.random.default_rng(0)
+    sd = {}
+    for item in manifest["keys"]:
+        shape = tuple(item["shape"])
+        sd[item["key"]] = (np.zeros(shape, np.int64) if item["dtype"] == "int64"
+                           else rng.uniform(0.5, 1.0, size=shape).astype(np.float32))
+    model, info = convert_state_dict(sd)
+    assert len(info["used"]) + len(info["ignored"]) == manifest["num_tensors"]
+    cfg = info["config"]
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if entry == "provicnet_fusion":
+        assert (cfg.embed_dim, cfg.stream_channels, cfg.fusion_channels, cfg.num_classes) == (384, 128, 128, 4)
+        assert n_params == manifest["num_parameter_elements"]
+        return
+    assert (cfg.depth, cfg.embed_dim, cfg.mlp_hidden, cfg.num_heads, cfg.num_registers) == (12, 384, 1536, 6, 4)
+    assert (cfg.cl_hidden, cfg.cl_bottleneck, cfg.cl_out, cfg.grid) == (2048, 256, 65536, 32)
+    # the manifest's count minus mask_token (ignored) and the folded weight_g column, plus the resized table
+    expected = manifest["num_parameter_elements"] - 384 - 65536 + 1025 * 384
+    assert n_params == expected
