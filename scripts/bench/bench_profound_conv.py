@@ -1,0 +1,148 @@
+"""ProFound-Conv encoder (ConvNeXtV2-Tiny 3D: depths 3,3,9,3, dims 96..768) forward at 64x224x224,
+batch 1, float32, on this machine: the JAX port vs a compact PyTorch reimplementation of the same
+network holding the same weights (agreement is checked before timing).
+
+    python scripts/bench/bench_profound_conv.py [--reps 5] [--size 64,224,224] [--dwconv-impl auto]
+
+JAX compile time is reported apart; run times are medians over --reps calls after a warm-up.
+PyTorch runs with all cores, under inference_mode, in its default (NCDHW) layout and in
+channels_last_3d; the ratio is against the faster of the two. Needs torch (the 'bench' extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vfm_align.models.convnext3d import ConvNeXt3DConfig
+from vfm_align.models.registry import build_model
+
+
+def torch_convnext(params, cfg):
+    """Compact torch ConvNeXt-V2 3D (upstream structure, channels-first) loaded from the NNX weights."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    def t(a):
+        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+
+    def ln_cf(x, p):  # channels-first LN
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + cfg.ln_eps)
+        sh = (1, -1) + (1,) * (x.ndim - 2)
+        return p["scale"].view(sh) * x + p["bias"].view(sh)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = lambda k: t(np.asarray(k).transpose(4, 3, 0, 1, 2))
+            self.stem = (conv(params["stem"]["kernel"]), t(params["stem"]["bias"]))
+            self.stem_norm = {k: t(v) for k, v in params["stem_norm"].items()}
+            self.downs = [(conv(params["downs"][i]["kernel"]), t(params["downs"][i]["bias"]),
+                           {k: t(v) for k, v in params["down_norms"][i].items()}) for i in range(3)]
+            self.blocks = []
+            for s, depth in enumerate(cfg.depths):
+                for b in range(depth):
+                    p = params["stages"][s][b]
+                    self.blocks.append((s, t(np.asarray(p["dwconv_kernel"]).transpose(3, 0, 1, 2)[:, None]), t(p["dwconv_bias"]),
+                                        {k: t(v) for k, v in p["norm"].items()},
+                                        t(np.asarray(p["pwconv1"]["kernel"]).T), t(p["pwconv1"]["bias"]),
+                                        t(p["grn"]["gamma"]), t(p["grn"]["beta"]),
+                                        t(np.asarray(p["pwconv2"]["kernel"]).T), t(p["pwconv2"]["bias"])))
+            self.norm = {k: t(v) for k, v in params["norm"].items()}
+            self.mf = torch.contiguous_format
+
+        def forward(self, x):
+            x = F.conv3d(x, *self.stem, stride=4)
+            x = ln_cf(x, self.stem_norm).contiguous(memory_format=self.mf)
+            bi = 0
+            for s in range(4):
+                if s:
+                    w, bias, n = self.downs[s - 1]
+                    x = F.conv3d(ln_cf(x, n).contiguous(memory_format=self.mf), w, bias, stride=w.shape[-1])
+                while bi < len(self.blocks) and self.blocks[bi][0] == s:
+                    _, dw, dwb, n, w1, b1, gam, bet, w2, b2 = self.blocks[bi]
+                    y = F.conv3d(x, dw, dwb, padding=3, groups=x.shape[1]).permute(0, 2, 3, 4, 1)
+                    y = F.gelu(F.linear(F.layer_norm(y, (y.shape[-1],), n["scale"], n["bias"], cfg.ln_eps), w1, b1))
+                    gx = torch.norm(y, p=2, dim=(1, 2, 3), keepdim=True)
+                    y = gam * (y * (gx / (gx.mean(dim=-1, keepdim=True) + cfg.grn_eps))) + bet + y
+                    x = x + F.linear(y, w2, b2).permute(0, 4, 1, 2, 3)
+                    bi += 1
+            return F.layer_norm(x.mean((2, 3, 4)), (x.shape[1],), self.norm["scale"], self.norm["bias"], cfg.ln_eps)
+
+    return Net()
+
+
+def median_time(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), float(np.percentile(ts, 25)), float(np.percentile(ts, 75))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--size", default="64,224,224")
+    ap.add_argument("--dwconv-impl", default="auto")
+    a = ap.parse_args()
+    size = tuple(int(v) for v in a.size.split(","))
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = ConvNeXt3DConfig.tiny(dwconv_impl=a.dwconv_impl)
+    model = build_model("profound_conv", cfg, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # non-trivial GRN and norms so no layer is an identity
+    rng = np.random.default_rng(0)
+    for s, depth in enumerate(cfg.depths):
+        for b in range(depth):
+            for name in ("gamma", "beta"):
+                params["stages"][s][b]["grn"][name] = jnp.asarray(rng.normal(0, 0.3, params["stages"][s][b]["grn"][name].shape), jnp.float32)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    graphdef, st = nnx.split(model)
+
+    @jax.jit
+    def forward(st, x):
+        return nnx.merge(graphdef, st)(x)
+
+    xn = rng.standard_normal((1, *size, 3)).astype(np.float32)
+    x = jax.device_put(jnp.asarray(xn))
+    print(f"jax {jax.__version__} backend {jax.default_backend()} dwconv_impl {a.dwconv_impl}; torch {torch.__version__} "
+          f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}; input 1x3x{size[0]}x{size[1]}x{size[2]} float32")
+    t0 = time.perf_counter()
+    compiled = forward.lower(st, x).compile()
+    comp = time.perf_counter() - t0
+    out_j = np.asarray(compiled(st, x).block_until_ready())
+    tj = median_time(lambda: compiled(st, x).block_until_ready(), a.reps)
+
+    net = torch_convnext(params, cfg)
+    xt = torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 4, 1, 2, 3)))
+    res = {}
+    with torch.inference_mode():
+        for name, mf in (("torch NCDHW", torch.contiguous_format), ("torch channels_last_3d", torch.channels_last_3d)):
+            net.mf = mf
+            out_t = net(xt).numpy()
+            err = float(np.abs(out_t - out_j).max())
+            res[name] = (median_time(lambda: net(xt), a.reps), err)
+    print(f"  jax    compile {comp:6.2f} s   run median {tj[0]:7.3f} s (IQR {tj[1]:.3f}-{tj[2]:.3f})")
+    for name, ((m, lo, hi), err) in res.items():
+        print(f"  {name:22s} run median {m:7.3f} s (IQR {lo:.3f}-{hi:.3f})   max|jax - torch| on the embedding {err:.1e}")
+    best = min(v[0][0] for v in res.values())
+    print(f"  ratio jax / fastest torch: {tj[0] / best:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
