@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import vfm_align
 from converters import convert_state_dict, from_pytorch
@@ -73,20 +74,19 @@ def test_upernet_parity_eval_and_train(upernet_model, golden):
     np.testing.assert_array_equal(np.asarray(main), np.asarray(logits))
 
 
-def test_lax_dwconv_impl_agrees(fixtures_dir, golden):
-    g = golden("profound_conv_cls")
-    model, _ = from_pytorch(fixtures_dir / "profound_conv_cls.pth.tar", dwconv_impl="lax")
-    with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(np.asarray(model(cl(g["input"]))), g["logits"], atol=TOL, rtol=0)
+def _leaves(model):
+    return nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
 
 
-def test_save_load_roundtrip(cls_model, golden, tmp_path):
-    g = golden("profound_conv_cls")
+def test_save_load_roundtrip(cls_model, tmp_path):
     model, info = cls_model
     out = save_model(model, info["arch"], info["config"], tmp_path / "m")
     loaded = vfm_align.load(out)
-    x = cl(g["input"])
-    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    assert loaded.config == info["config"]
+    a, b = dict(_leaves(model)), dict(_leaves(loaded))
+    assert a.keys() == b.keys() and ("bn", "mean") in a
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
 
 
 def test_conversion_errors_name_the_key(fixtures_dir):
@@ -103,14 +103,15 @@ def test_conversion_errors_name_the_key(fixtures_dir):
         convert_state_dict(sd, extras=extras, source="x.pth", no_such_field=1)
 
 
-def test_bare_encoder_detected_from_unprefixed_keys(fixtures_dir, golden):
+def test_bare_encoder_detected_from_unprefixed_keys(fixtures_dir, cls_model):
     sd, _ = load_state_dict(fixtures_dir / "profound_conv_cls.pth.tar")
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     model, info = convert_state_dict(enc)
-    assert info["arch"] == "profound_conv"
-    g = golden("profound_conv_cls")
-    with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(np.asarray(model(cl(g["input"]))), g["pooled_features"], atol=TOL, rtol=0)
+    assert info["arch"] == "profound_conv" and len(info["used"]) == len(enc)
+    a, b = dict(_leaves(model)), dict(_leaves(cls_model[0].encoder))
+    assert a.keys() == b.keys()
+    for k in a:  # same weights in the same places as the (parity-tested) classifier's encoder
+        np.testing.assert_array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))
 
 
 # ---------------------------------------------------------------- FCMAE
@@ -146,19 +147,17 @@ def test_masked_patch_loss_numpy_reference():
 
 
 def test_fcmae_masked_sites_do_not_leak():
-    from flax import nnx
-
     model = FCMAE(FCMAEConfig(**SMALL), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, 32, 32, 48, 3)).astype(np.float32)
-    mask = jnp.asarray(rng.random((1, 2, 2, 3)) > 0.5, jnp.float32).at[0, 0, 0, 0].set(0.0).at[0, 1, 1, 2].set(1.0)
+    x = rng.standard_normal((1, 16, 16, 48, 3)).astype(np.float32)
+    mask = jnp.asarray([[[[0.0, 1.0, 0.0]]]])  # grid 1x1x3: the middle patch removed
     x2 = x.copy()
-    x2[:, 16:, 16:, 32:] = 100.0  # scribble over patch (1, 1, 2), which is masked
+    x2[:, :, :, 16:32] = 100.0  # scribble over the removed patch only
     lat1 = model.forward_encoder(jnp.asarray(x), mask)
     lat2 = model.forward_encoder(jnp.asarray(x2), mask)
     np.testing.assert_allclose(np.asarray(lat1), np.asarray(lat2), atol=1e-5)
-    assert np.all(np.asarray(lat1)[0, 1, 1, 2] == 0)  # masked site stays empty
+    assert np.all(np.asarray(lat1)[0, 0, 0, 1] == 0) and np.any(np.asarray(lat1)[0, 0, 0, 0] != 0)
     loss, pred, flat = model(jnp.asarray(x), mask)
-    assert pred.shape == (1, 12, 16 ** 3 * 3) and np.isfinite(float(loss))
+    assert pred.shape == (1, 3, 16 ** 3 * 3) and np.isfinite(float(loss))
     g = jax.grad(lambda m: m(jnp.asarray(x), mask)[0])(model)
     assert float(jnp.abs(g.encoder.stages[0][0].dwconv_kernel[...]).sum()) > 0
