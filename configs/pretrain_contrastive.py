@@ -25,5 +25,5 @@ def get_config():
                    cl_hidden=64, cl_bottleneck=32, cl_out=128),
         objective_args=dict(slice_channel=0, slice_window=3, pair_block=4, pair_hi=15, pair_lo=0, max_pair=30,
                             margin=0.5, pair_weight=1.0, infonce_weight=1.0, infonce_samples=128, temperature=0.1),
-        cohort=dict(manifest="", cases=24, shape=(16, 32, 32)),
+        cohort=dict(manifest="", cases=24, shape=(16, 64, 64), crop=(32, 32)),  # 1.5 mm in-plane, gland-centred
     ))

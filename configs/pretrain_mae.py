@@ -22,5 +22,5 @@ def get_config():
         model=dict(patch_size=(4, 8, 8), embed_dim=48, depth=2, num_heads=2, mlp_dim=96, decoder_embed_dim=24,
                    decoder_depth=1, decoder_num_heads=2, decoder_mlp_dim=48, norm_pix_loss=True),
         objective_args=dict(mask_ratio=0.75),  # MAE default; ProFound's FCMAE demo uses 0.6
-        cohort=dict(manifest="", cases=24, shape=(16, 32, 32)),
+        cohort=dict(manifest="", cases=24, shape=(16, 64, 64), crop=(32, 32)),  # 1.5 mm in-plane, gland-centred
     ))

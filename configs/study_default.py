@@ -27,7 +27,7 @@ def get_config(pretrain_steps=60, finetune_steps=40, cases=32):
         p.steps = pretrain_steps
     return mc.ConfigDict(dict(
         seed=0,
-        cohort=dict(manifest="", cases=cases, shape=(16, 32, 32)),
+        cohort=dict(manifest="", cases=cases, shape=(16, 64, 64), crop=(32, 32)),  # 1.5 mm in-plane, gland-centred
         mesh=dict(devices=1, data=1, fsdp=1),
         tasks=["classification", "segmentation", "detection", "super_resolution", "distortion_correction"],
         backbones=[

@@ -17,6 +17,7 @@ def get_config():
         b.pretrain.model.depth = 1
         b.pretrain.batch_size = 2
     cfg.finetune.batch_size = 2
+    cfg.cohort.shape, cfg.cohort.crop = (16, 32, 32), ()  # coarse, uncropped: generation and loading stay cheap
     cfg.finetune.eval_every = 2
     cfg.finetune.probe_cases = 2
     cfg.num_permutations = 200

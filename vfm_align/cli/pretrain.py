@@ -34,7 +34,7 @@ def run(args) -> int:
 
         manifest = make_phantom(os.path.abspath(args.out) + "_cohort", int(cfg.cohort.cases),
                                 shape=tuple(cfg.cohort.shape), seed=int(cfg.seed), workers=1, progress=False)
-    cohort = taskdata.load_cohort(manifest)
+    cohort = taskdata.load_cohort(manifest, crop=tuple(cfg.cohort.crop) if cfg.cohort.get("crop") else None)
     train = cohort["split"] == "train"
     data = {"image": cohort["image"][train], "cancer": (cohort["lesion"][train] > 0).astype(np.int32)}
     info = pretrain(cfg, data, args.out, progress=not args.no_progress)

@@ -44,7 +44,7 @@ def prepare_cohort(cfg, out_dir: str) -> dict:
 
         manifest = make_phantom(os.path.join(out_dir, "cohort"), int(cfg.cohort.cases), shape=tuple(cfg.cohort.shape),
                                 seed=int(cfg.seed), workers=1, progress=False)
-    return taskdata.load_cohort(manifest)
+    return taskdata.load_cohort(manifest, crop=tuple(cfg.cohort.crop) if cfg.cohort.get("crop") else None)
 
 
 def _backbone_dirs(cfg, cohort, out_dir, console, progress) -> dict:

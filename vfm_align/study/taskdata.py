@@ -43,13 +43,27 @@ def get_spec(task: str, seed: int = 0) -> TaskSpec:
     return TaskSpec(task, kind, LOSS_FOR_KIND[kind], t.num_outputs, t.primary)
 
 
-def load_cohort(manifest: str | os.PathLike) -> dict:
-    """Every case of a manifest, preprocessed (RAS+, per-channel non-zero z-score) and stacked."""
+def _center_crop(a: np.ndarray, hw) -> np.ndarray:
+    h, w = a.shape[1:3]
+    if hw[0] > h or hw[1] > w:
+        raise DataError(f"crop {tuple(hw)} is larger than the in-plane size {(h, w)}")
+    y0, x0 = (h - hw[0]) // 2, (w - hw[1]) // 2
+    return np.ascontiguousarray(a[:, y0:y0 + hw[0], x0:x0 + hw[1]])
+
+
+def load_cohort(manifest: str | os.PathLike, *, crop=None) -> dict:
+    """Every case of a manifest, preprocessed (RAS+, per-channel non-zero z-score) and stacked.
+
+    ``crop`` (H, W): keep the in-plane centre only (the gland sits near the centre of the field of
+    view), so small models see it at full resolution.
+    """
     cohort = read_manifest(os.fspath(manifest))
     recipe = Recipe()
     samples = []
     for case in cohort.cases:
         p = preprocess_case(case, recipe)
+        if crop:
+            p = {**p, **{k: _center_crop(p[k], crop) for k in ("image", "gland", "lesion")}}
         samples.append({"image": p["image"], "gland": p["gland"], "lesion": p["lesion"], "labels": dict(case.labels),
                         "case_id": case.case_id, "spacing": tuple(p["meta"]["spacing"]), "split": case.split})
     shapes = {s["image"].shape for s in samples}
