@@ -14,7 +14,8 @@ from vfm_align.errors import ConfigError
 BACKBONES = {
     # arch, family, released config, tiny config, in-loop alignment sites
     "profound_conv": ("profound_conv", "volume", {},
-                      {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32)}, ("pooled", "stage3")),
+                      # "lax" depthwise conv: the CPU-fast "shift" form is slow to compile, which dominates tiny runs.
+                      {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32), "dwconv_impl": "lax"}, ("pooled", "stage3")),
     "profound_mae": ("profound_mae_vit", "volume", {},
                      {"patch_size": (4, 8, 8), "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
                       "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, "decoder_mlp_dim": 32,
