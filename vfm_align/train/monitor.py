@@ -69,6 +69,7 @@ class AlignmentMonitor:
             sigma = median_sigma(fh, seed=self.seed)
             self.freqs[s] = jnp.asarray(rff_frequencies(fh.shape[1], self.num_features, [sigma], seed=self.seed))
         self._score = jax.jit(lambda pre, post, fr: {s: _site_scores(pre[s], post[s], fr[s]) for s in pre})
+        jax.block_until_ready(self._score(self.pre, self.pre, self.freqs))  # compile now, not inside the loop
 
     def __call__(self, state) -> dict:
         if self.pre is None:
