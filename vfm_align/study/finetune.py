@@ -45,8 +45,8 @@ def run_finetune(family: str, config, pretrained: nnx.Module | None, task: str, 
         build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh,
         backbone=None if pretrained is None else GridFeatures(pretrained, family))
     # One compile per head, loss and shapes, shared by the pretrained and random-init runs (and by a resumed study).
-    key = (family, spec.kind, spec.loss, spec.num_outputs, input_shape, steps,
-           tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    key = (family, spec.kind, spec.loss, spec.num_outputs, input_shape, steps, seed, bool(cfg.augment),
+           cfg.optim.to_json(sort_keys=True), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
     cached = _CACHE.get(key)
     if cached is None or cached[0] != gdef_t or cached[1] != gdef_e:
         train = jit_train_step(make_train_step(gdef_t, task_loss(spec.kind, spec.loss), tx, kind=spec.kind,
