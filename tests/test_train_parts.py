@@ -124,3 +124,28 @@ def test_recipe_overrides_are_typed_and_checked(tmp_path):
         load_config(recipe, ["--config.optim.lrr=1"])
     with pytest.raises(ConfigError, match="expected true/false"):
         load_config(recipe, ["--config.model.freeze_backbone=maybe"])
+
+
+def test_alignment_monitor_scores_against_the_bank():
+    from vfm_align.train.monitor import AlignmentMonitor, linear_cka
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    feat = lambda w, probe: {"pooled": probe @ w}  # noqa: E731  (a "backbone" whose weights are w)
+    w0 = np.eye(8, dtype=np.float32)
+    mon = AlignmentMonitor(feat, x, ["pooled"], num_features=256, max_rows=1000, seed=0)
+    mon.bank(w0)
+    same = mon(w0)
+    assert same["align/pooled/cka"] == pytest.approx(1.0, abs=1e-5)
+    assert same["align/pooled/drift_cos"] == pytest.approx(0.0, abs=1e-6)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    rot = mon(q.astype(np.float32))  # a rotation: CKA stays 1, the per-sample features move
+    assert rot["align/pooled/cka"] == pytest.approx(1.0, abs=1e-4)
+    assert rot["align/pooled/drift_rel"] > 0.5
+    shifted = mon(w0 * 3.0)
+    assert shifted["align/pooled/mmd2"] > 10 * abs(same["align/pooled/mmd2"]) + 1e-3
+    # linear CKA against the numpy formula on unrelated data
+    a, b = rng.normal(size=(50, 6)), rng.normal(size=(50, 4))
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    ref = np.linalg.norm(bc.T @ ac) ** 2 / (np.linalg.norm(ac.T @ ac) * np.linalg.norm(bc.T @ bc))
+    assert float(linear_cka(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))) == pytest.approx(ref, rel=1e-4)
