@@ -75,7 +75,7 @@ def _exact_tile_sums(x, y, sigmas, *, kernel: str, block: int):
     return sxx, syy, sxy
 
 
-def _combine(sxx, syy, sxy, n, m, k0, estimator, xnp=np):
+def _combine(sxx, syy, sxy, n, m, k0, estimator):
     """MMD^2 from off-diagonal Gram sums; k0 = k(x, x) (= number of kernels)."""
     if estimator == "unbiased":
         return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2.0 * sxy / (n * m)

@@ -87,12 +87,12 @@ def _subset_rows(rng: np.random.Generator, counts: np.ndarray, size: int, rows: 
     return mask
 
 
-@jax.jit
-def _paired_chunk(x, y, valid, freqs, key, num_perm_template):
+@functools.partial(jax.jit, static_argnames=("num_perm",))
+def _paired_chunk(x, y, valid, freqs, key, num_perm):
     """Feature sums of x and y, and per permutation the sum of z(y_i) - z(x_i) over swapped pairs."""
     zx = _raw_features(x, freqs) * valid[:, None]
     zy = _raw_features(y, freqs) * valid[:, None]
-    swap = jax.random.bernoulli(key, 0.5, (num_perm_template.shape[0], x.shape[0])).astype(jnp.float32)
+    swap = jax.random.bernoulli(key, 0.5, (num_perm, x.shape[0])).astype(jnp.float32)
     delta = jnp.dot(swap, zy - zx, precision=jax.lax.Precision.HIGHEST)
     finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
     return zx.sum(0), zy.sum(0), delta, finite
@@ -116,12 +116,11 @@ def _rff_null(x, y, freqs, num_perm, paired, seed, chunk_rows):
     sx, sy = np.zeros(width), np.zeros(width)
     if paired:
         delta = np.zeros((num_perm, width))
-        template = jnp.zeros((num_perm,))
         rows = min(chunk_rows, n)
         for c, start in enumerate(range(0, n, rows)):
             bx, valid = _chunk(x, start, rows)
             by, _ = _chunk(y, start, rows)
-            zx, zy, d, ok = _paired_chunk(bx, by, valid, f_dev, jax.random.fold_in(key, c), template)
+            zx, zy, d, ok = _paired_chunk(bx, by, valid, f_dev, jax.random.fold_in(key, c), num_perm=num_perm)
             if not bool(ok):
                 raise DataError(f"non-finite feature value (NaN or inf) in pairs starting at row {start}")
             sx += np.asarray(zx, np.float64)
