@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -100,6 +101,9 @@ def _fingerprint(case: Case) -> dict:
     return out
 
 
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 class PreprocessCache:
     """``root/<recipe key>/<case_id>/{image,gland,lesion}.npy + meta.json``."""
 
@@ -149,7 +153,11 @@ class PreprocessCache:
         if not self.is_fresh(case):
             self.put(case)
         d = self._case_dir(case)
-        return {name: np.load(os.path.join(d, f"{name}.npy"), mmap_mode="r") for name in ("image", *MASKS)}
+        # np.load parses the .npy header with ast.literal_eval, which is not thread-safe on
+        # CPython 3.11 ("AST constructor recursion depth mismatch"); the loader calls this from
+        # several threads, so header parsing is serialised (opening a memmap is cheap).
+        with _NPY_HEADER_LOCK:
+            return {name: np.load(os.path.join(d, f"{name}.npy"), mmap_mode="r") for name in ("image", *MASKS)}
 
     def meta(self, case: Case) -> dict:
         """The sidecar of a cached case: affine, spacing (D, H, W mm), shape, recipe and sources."""
