@@ -12,9 +12,11 @@ run: compile time apart, medians and IQR over --reps calls, same thread count, f
 Needs torch (the ``bench`` extra). CPU timings on a shared machine are noisy; the ratio measured
 in one run is the number to read.
 
-Last run (2 shared cores under load average ~14, jax 0.10.2, torch 2.13 with 2 threads, --reps 3):
-encoder 25.2 s vs PyTorch 31.0 s (1.23x), full model 40.1 s vs 60.9 s (1.52x); outputs agree to
-4.4e-6 (tokens) and 7e-7 (logits).
+Last runs (2 cores shared with other jobs, load average 14-20, jax 0.10.2, torch 2.13 with 2
+threads, --reps 3; absolute times are inflated by the load, ratios are within one run):
+encoder 25.2 s vs PyTorch 31.0 s (1.23x) and 24.4 s vs 33.9 s (1.39x); full model 40.1 s vs
+60.9 s (1.52x); with --attention xla (naive baseline) the encoder was 65.3 s vs 44.6 s (0.68x).
+Outputs agree to 4.4e-6 (tokens) and 7e-7 (logits).
 """
 
 from __future__ import annotations
