@@ -39,6 +39,7 @@ def get_config(pretrain_steps=60, finetune_steps=40, cases=32):
                       sites=["pooled", "patch"], rff_features=1024, max_rows=2048,
                       optim=_load("pretrain_mae").optim(lr=5e-4, warmup=2)),
         primary_site="pooled",
+        gain_floor=0.05,  # relative gain = (pretrained - random) / max(|random|, gain_floor)
         num_permutations=1000,
         num_bootstrap=2000,
         num_correlation_permutations=2000,

@@ -28,7 +28,7 @@ def test_report_contents(quick):
     pairs = {(p["backbone"], p["task"]) for p in results["pairs"]}
     assert pairs == {(b, t) for b in ("reconstruction", "contrastive") for t in TASKS}
     for p in results["pairs"]:
-        want = (p["final_pretrained"] - p["final_random"]) / abs(p["final_random"])
+        want = (p["final_pretrained"] - p["final_random"]) / max(abs(p["final_random"]), cfg.gain_floor)
         assert p["gain"] == pytest.approx(want)
         assert np.isfinite(p["mmd2_pooled"]) and 0.0 < p["p_value_pooled"] <= 1.0
     for key in ("mmd2_pooled~gain/spearman", "mmd2_pooled~gain/pearson", "mmd2_pooled~convergence_steps/spearman"):

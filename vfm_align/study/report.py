@@ -97,7 +97,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}.finding{{fon
 </head><body><h1>Does the pretraining objective fit the task?</h1>
 <p class="finding"><b>Finding.</b> {html.escape(results['finding'])}</p>
 <p>Alignment = MMD\u00b2 (RFF, unbiased, Gaussian kernel with the median bandwidth of the pretrained features) between the
-backbone's features on a fixed probe set before and after fine-tuning; gain = (pretrained \u2212 random init) / |random init| of
+backbone's features on a fixed probe set before and after fine-tuning; gain = (pretrained \u2212 random init) / max(|random init|, floor) of
 the final validation metric at the same budget; convergence = first evaluated step reaching 90% of the run's final improvement.
 p-values: paired (within-pair swap) permutation test of the MMD.</p>
 <h2>Main figure</h2>{_img(figs[0])}{_img(figs[1])}

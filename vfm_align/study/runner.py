@@ -130,7 +130,7 @@ def summarise(cfg, out_dir: str) -> dict:
             c = pre["curve"]
             row = {"backbone": b.name, "task": t, "metric": pre["metric_name"],
                    "final_pretrained": pre["final_metric"], "final_random": rnd["final_metric"],
-                   "gain": (pre["final_metric"] - rnd["final_metric"]) / max(abs(rnd["final_metric"]), 1e-12),
+                   "gain": relative_gain(pre["final_metric"], rnd["final_metric"], float(cfg.gain_floor)),
                    "convergence_steps": steps_to_fraction(c["step"], c["metric"]),
                    "convergence_steps_random": steps_to_fraction(rnd["curve"]["step"], rnd["curve"]["metric"])}
             for s in cfg.finetune.sites:
@@ -161,6 +161,12 @@ def summarise(cfg, out_dir: str) -> dict:
         w.writeheader()
         w.writerows(pairs)
     return results
+
+
+def relative_gain(pretrained: float, random: float, floor: float) -> float:
+    """(pretrained - random) / max(|random|, floor): the floor keeps a baseline that learned nothing
+    within the budget (metric ~ 0) from turning the gain into an arbitrarily large number."""
+    return (pretrained - random) / max(abs(random), floor)
 
 
 def finding(pairs, corr, site) -> str:
