@@ -15,6 +15,13 @@ def _blob(shape, rng):
     return ((zz - c[0]) / max(d / h, 1e-3)) ** 2 * 0.25 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r**2
 
 
+def _smooth(x, rng):
+    """Restoration targets need structure that the degraded input predicts (white noise has none)."""
+    from scipy.ndimage import gaussian_filter
+
+    return (gaussian_filter(x, sigma=(1.5, 1.5, 1.5, 0)) * 4.0).astype(np.float32)
+
+
 def make_task(task, n, shape=(16, 32, 32), seed=0):
     rng = np.random.default_rng(seed)
     imgs, tgts = [], []
@@ -30,12 +37,12 @@ def make_task(task, n, shape=(16, 32, 32), seed=0):
             base[blob] += 1.5
             imgs.append(base), tgts.append(blob.astype(np.int32))
         elif task == "super_resolution":
-            clean = base.copy()
+            clean = _smooth(base, rng)
             clean[blob] += 1.5
             low = np.repeat(clean[::2], 2, axis=0)  # through-plane x2 downsampling, nearest upsampling
             imgs.append(low), tgts.append(clean)
         elif task == "distortion_correction":
-            clean = base.copy()
+            clean = _smooth(base, rng)
             clean[blob] += 1.5
             warped = np.roll(clean, 2, axis=2)  # a 2-voxel phase-encode (H) shift
             imgs.append(warped), tgts.append(clean)

@@ -1,8 +1,8 @@
 """A light dense decoder: backbone feature map + full-resolution input skip -> per-voxel output.
 
 Restoration tasks (super-resolution, distortion correction) use it with ``residual=True``: it
-predicts a correction added to the input, and the last conv starts at zero so training begins
-from the identity map. With ``residual=False`` it serves as a light dense head (logits) where a
+predicts a correction added to the input, and the last conv starts near zero so training
+begins close to the identity map. With ``residual=False`` it serves as a light dense head (logits) where a
 heavier decoder (UperNet) is not wanted. Works for volumes (ndim=3) and slices (ndim=2).
 """
 
@@ -26,7 +26,10 @@ class RestorationDecoder(nnx.Module):
         self.proj = nnx.Conv(feat_dim, hidden, k1, rngs=rngs)
         self.fuse1 = nnx.Conv(hidden + in_channels, hidden, k3, padding=1, rngs=rngs)
         self.fuse2 = nnx.Conv(hidden, hidden, k3, padding=1, rngs=rngs)
-        init = nnx.initializers.zeros_init() if residual else nnx.initializers.lecun_normal()
+        # Residual: a near-zero (not zero) last conv, so training starts at the identity map but the
+        # earlier layers get gradients from the first step.
+        init = (nnx.initializers.variance_scaling(1e-4, "fan_in", "normal") if residual
+                else nnx.initializers.lecun_normal())
         self.out = nnx.Conv(hidden, out_channels, k1, kernel_init=init, rngs=rngs)
 
     def __call__(self, feats: jax.Array, skip: jax.Array) -> jax.Array:
