@@ -45,8 +45,8 @@ def test_classifier_parity(cls_model, golden):
     assert set(info["ignored"]) == {"head.1.num_batches_tracked"}
     x = cl(g["input"])
     with jax.default_matmul_precision("highest"):
-        feats = model.encoder.features(x)
-        logits = model(x)
+        # jit the whole forward: op-by-op dispatch of the 3D model is slow on CPU
+        feats, logits = nnx.jit(lambda m, v: (m.encoder.features(v), m(v)))(model, x)
     for i in range(4):
         np.testing.assert_allclose(cf(feats[f"stage{i}"]), g[f"stage{i}"], atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(feats["pooled"]), g["pooled_features"], atol=TOL, rtol=0)
@@ -64,9 +64,8 @@ def test_upernet_parity_eval_and_train(upernet_model, golden):
     assert "encoder.norm.weight" in info["used"]  # loaded into the encoder although UperNet skips it
     x = cl(g["input"])
     with jax.default_matmul_precision("highest"):
-        logits = model(x)
-        low, aux_low = model.logits_lowres(x, train=True)
-        main, aux = model(x, train=True)
+        logits, (low, aux_low), (main, aux) = nnx.jit(
+            lambda m, v: (m(v), m.logits_lowres(v, train=True), m(v, train=True)))(model, x)
     np.testing.assert_allclose(cf(logits), g["logits"], atol=TOL, rtol=0)
     np.testing.assert_allclose(cf(low), g["logits_lowres"], atol=TOL, rtol=0)
     np.testing.assert_allclose(cf(aux_low), g["train_aux_lowres"], atol=TOL, rtol=0)
@@ -116,7 +115,8 @@ def test_bare_encoder_detected_from_unprefixed_keys(fixtures_dir, cls_model):
 
 # ---------------------------------------------------------------- FCMAE
 
-SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), patch_size=(16, 16, 16), decoder_dim=16)
+# The lax depthwise conv compiles fastest; the CPU shift formulation and its gradient are tested in test_ops3d.
+SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), patch_size=(16, 16, 16), decoder_dim=16, dwconv_impl="lax")
 
 
 def test_mask_from_noise_keeps_lowest_noise():
@@ -153,11 +153,12 @@ def test_fcmae_masked_sites_do_not_leak():
     mask = jnp.asarray([[[[0.0, 1.0, 0.0]]]])  # grid 1x1x3: the middle patch removed
     x2 = x.copy()
     x2[:, :, :, 16:32] = 100.0  # scribble over the removed patch only
-    lat1 = model.forward_encoder(jnp.asarray(x), mask)
-    lat2 = model.forward_encoder(jnp.asarray(x2), mask)
+    enc = nnx.jit(lambda m, v: m.forward_encoder(v, mask))
+    lat1 = enc(model, jnp.asarray(x))
+    lat2 = enc(model, jnp.asarray(x2))
     np.testing.assert_allclose(np.asarray(lat1), np.asarray(lat2), atol=1e-5)
     assert np.all(np.asarray(lat1)[0, 0, 0, 1] == 0) and np.any(np.asarray(lat1)[0, 0, 0, 0] != 0)
-    loss, pred, flat = model(jnp.asarray(x), mask)
+    loss, pred, flat = nnx.jit(lambda m, v: m(v, mask))(model, jnp.asarray(x))
     assert pred.shape == (1, 3, 16 ** 3 * 3) and np.isfinite(float(loss))
-    g = jax.grad(lambda m: m(jnp.asarray(x), mask)[0])(model)
+    g = jax.jit(jax.grad(lambda m: m(jnp.asarray(x), mask)[0]))(model)
     assert float(jnp.abs(g.encoder.stages[0][0].dwconv_kernel[...]).sum()) > 0
