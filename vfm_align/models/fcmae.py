@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vfm_align.models.convnext3d import Block, ConvNeXt3D, ConvNeXt3DConfig
-from vfm_align.models.ops3d import conv3d, upsample_nearest3d
+from vfm_align.models.layers import Conv1
+from vfm_align.models.ops3d import upsample_nearest3d
 from vfm_align.models.registry import register
 
 
@@ -70,15 +71,6 @@ def masked_patch_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_
         target = (target - mean) / jnp.sqrt(var + eps)
     per_patch = jnp.mean(jnp.square(pred - target), axis=-1)
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
-
-
-class Conv1(nnx.Module):
-    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 1, cin, cout)) * cin ** -0.5)
-        self.bias = nnx.Param(jnp.zeros((cout,)))
-
-    def __call__(self, x):
-        return conv3d(x, self.kernel[...], self.bias[...])
 
 
 class FCMAE(nnx.Module):

@@ -94,3 +94,14 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_block: int 
 
     out = jax.lax.map(one_head, (heads_first(q * scale), heads_first(k), heads_first(v)))
     return out.reshape(n, h, t, dh).transpose(0, 2, 1, 3)
+
+
+class Conv1(nnx.Module):
+    """1x1x1 Conv3d with bias, channels-last (UperNet classifiers, FCMAE proj/pred)."""
+
+    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 1, cin, cout)) * cin ** -0.5)
+        self.bias = nnx.Param(jnp.zeros((cout,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...c,co->...o", x, self.kernel[...][0, 0, 0]) + self.bias[...]

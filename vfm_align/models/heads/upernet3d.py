@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vfm_align.models.convnext3d import ConvNeXt3D, ConvNeXt3DConfig
-from vfm_align.models.layers import gelu, layer_norm
+from vfm_align.models.layers import Conv1, gelu, layer_norm
 from vfm_align.models.ops3d import adaptive_avg_pool3d, conv3d, resize_trilinear
 from vfm_align.models.registry import register
 
@@ -36,17 +36,6 @@ class ConvModule(nnx.Module):
 
     def __call__(self, x):
         return gelu(self.norm(conv3d(x, self.kernel[...])))
-
-
-class Conv1(nnx.Module):
-    """1x1x1 conv with bias (the classifiers)."""
-
-    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 1, cin, cout)) * cin ** -0.5)
-        self.bias = nnx.Param(jnp.zeros((cout,)))
-
-    def __call__(self, x):
-        return conv3d(x, self.kernel[...], self.bias[...])
 
 
 class UperHead(nnx.Module):
