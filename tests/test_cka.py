@@ -76,3 +76,15 @@ def test_accumulator_and_errors(pair):
         linear_cka(x[:1], y[:1])
     with pytest.raises(DataError, match="constant"):
         linear_cka(np.ones((5, 3), np.float32), y[:5, :3])
+
+
+def test_jittable_cka_matches_streamed_float64():
+    import jax
+
+    from vfm_align.align.cka import linear_cka, linear_cka_jax
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 24)).astype(np.float32)
+    y = (x @ rng.normal(size=(24, 24)) + 0.5 * rng.normal(size=(300, 24))).astype(np.float32)
+    got = float(jax.jit(linear_cka_jax)(x, y))
+    assert got == pytest.approx(linear_cka(x, y), rel=1e-4)

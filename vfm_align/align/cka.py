@@ -107,3 +107,14 @@ def paired_measures(x, y, *, chunk_rows: int = CHUNK_ROWS) -> dict:
     """CKA and drift in one streamed pass: {'cka', 'mean_cosine', 'mean_l2', 'n'}."""
     acc = _accumulate(x, y, chunk_rows)
     return {"cka": acc.cka(), **acc.drift(), "n": acc.n}
+
+
+def linear_cka_jax(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Jittable in-memory linear CKA (float32, for training loops), feature form: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    hi = jax.lax.Precision.HIGHEST
+    xc = x - x.mean(0)
+    yc = y - y.mean(0)
+    cross = jnp.sum(jnp.square(jnp.dot(yc.T, xc, precision=hi)))
+    nx = jnp.linalg.norm(jnp.dot(xc.T, xc, precision=hi))
+    ny = jnp.linalg.norm(jnp.dot(yc.T, yc, precision=hi))
+    return cross / (nx * ny)

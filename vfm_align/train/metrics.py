@@ -7,19 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from vfm_align.data.metrics import auroc, dice_per_class
+
 PRIMARY = {"label": "accuracy", "dense": "dice", "restore": "psnr"}
-
-
-def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Binary ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
-    from scipy.stats import rankdata
-
-    pos = labels == 1
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def evaluate(kind: str, pred: np.ndarray, target: np.ndarray) -> dict:
@@ -27,17 +17,12 @@ def evaluate(kind: str, pred: np.ndarray, target: np.ndarray) -> dict:
     if kind == "label":
         out = {"accuracy": float((pred.argmax(-1) == target).mean())}
         if pred.shape[-1] == 2:
-            out["auc"] = _auc(pred[:, 1] - pred[:, 0], target)
+            out["auc"] = auroc(pred[:, 1] - pred[:, 0], target)
         return out
     if kind == "dense":
         k = pred.shape[-1]
-        lab = pred.argmax(-1)
-        dices = []
-        for c in range(1 if k > 1 else 0, k):
-            a, b = lab == c, target == c
-            denom = a.sum() + b.sum()
-            if denom:
-                dices.append(2.0 * np.logical_and(a, b).sum() / denom)
+        per_class = dice_per_class(pred.argmax(-1), target, range(1 if k > 1 else 0, k))
+        dices = [d for d in per_class.values() if not np.isnan(d)]
         return {"dice": float(np.mean(dices)) if dices else float("nan")}
     if kind == "restore":
         err = pred - np.asarray(target, np.float64)

@@ -14,19 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vfm_align.align.cka import linear_cka_jax as linear_cka
 from vfm_align.align.kernels import median_sigma
 from vfm_align.align.rff import rff_frequencies, rff_mmd2
-
-
-def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Linear CKA in feature form: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
-    hi = jax.lax.Precision.HIGHEST
-    xc = x - x.mean(0)
-    yc = y - y.mean(0)
-    cross = jnp.sum(jnp.square(jnp.dot(yc.T, xc, precision=hi)))
-    nx = jnp.linalg.norm(jnp.dot(xc.T, xc, precision=hi))
-    ny = jnp.linalg.norm(jnp.dot(yc.T, yc, precision=hi))
-    return cross / (nx * ny)
 
 
 def _site_scores(pre, post, freqs):
