@@ -3,6 +3,7 @@ and every task learning on small synthetic data."""
 
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -74,10 +75,13 @@ LEARN = [
     ("profound_conv", "detection"),
     # Known gap: in 30 steps the residual decoder stays at the identity (loss flat, val PSNR equal to
     # the degraded input's); strict, so this turns into a failure as soon as they start to learn.
+    # Opt-in (VFM_ALIGN_SLOW=1): they cost CI minutes while they are known not to pass.
     pytest.param("profound_conv", "super_resolution",
-                 marks=pytest.mark.xfail(strict=True, reason="restoration does not yet learn within 30 CPU steps")),
+                 marks=[pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="opt-in: VFM_ALIGN_SLOW=1"),
+                        pytest.mark.xfail(strict=True, reason="restoration does not yet learn within 30 CPU steps")]),
     pytest.param("profound_conv", "distortion_correction",
-                 marks=pytest.mark.xfail(strict=True, reason="restoration does not yet learn within 30 CPU steps")),
+                 marks=[pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="opt-in: VFM_ALIGN_SLOW=1"),
+                        pytest.mark.xfail(strict=True, reason="restoration does not yet learn within 30 CPU steps")]),
 ]
 
 
@@ -99,5 +103,6 @@ def test_task_learns(tmp_path, backbone, task):
     elif task in ("segmentation", "detection"):
         assert val["dice"] >= 0.6  # the blob is ~10% of the voxels; empty or all-on predictions score <= 0.2
     else:  # better than handing the degraded input back
-        ident = evaluate("restore", data["val"]["image"], data["val"]["target"])
+        c0 = 0 if task == "super_resolution" else 1  # the degraded channels the target restores
+        ident = evaluate("restore", data["val"]["image"][..., c0 : c0 + data["val"]["target"].shape[-1]], data["val"]["target"])
         assert val["psnr"] > ident["psnr"] + 0.5, (val, ident)

@@ -40,12 +40,13 @@ def make_task(task, n, shape=(16, 32, 32), seed=0):
             clean = _smooth(base, rng)
             clean[blob] += 1.5
             low = np.repeat(clean[::2], 2, axis=0)  # through-plane x2 downsampling, nearest upsampling
-            imgs.append(low), tgts.append(clean)
+            imgs.append(low), tgts.append(clean[..., :1])  # the task restores T2w (channel 0)
         elif task == "distortion_correction":
             clean = _smooth(base, rng)
             clean[blob] += 1.5
-            warped = np.roll(clean, 2, axis=2)  # a 2-voxel phase-encode (H) shift
-            imgs.append(warped), tgts.append(clean)
+            warped = clean.copy()  # the task restores [DWI, ADC] (channels 1, 2); T2w is undistorted
+            warped[..., 1:3] = np.roll(clean[..., 1:3], 2, axis=2)  # a 2-voxel phase-encode (H) shift
+            imgs.append(warped), tgts.append(clean[..., 1:3])
         else:
             raise ValueError(task)
     return {"image": np.stack(imgs).astype(np.float32), "target": np.asarray(tgts)}

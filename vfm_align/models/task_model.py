@@ -61,6 +61,11 @@ def volume_to_slices(x: jax.Array, channel: int, window: int, size: int | None):
     return s, pos
 
 
+# First input channel of the degraded image each restoration task corrects (inputs are [T2w, DWI, ADC]):
+# super-resolution restores T2w, distortion correction restores [DWI, ADC].
+RESIDUAL_FROM = {"super_resolution": 0, "distortion_correction": 1}
+
+
 class TaskModel(nnx.Module):
     """``model(x) -> (out, aux)``; aux is None unless the head is deep-supervised."""
 
@@ -87,7 +92,8 @@ class TaskModel(nnx.Module):
             self.head = nnx.Linear(feats["pooled"].shape[-1], num_outputs, rngs=rngs)
         else:
             self.head = RestorationDecoder(feats[feature_site].shape[-1], c, num_outputs, hidden=head_hidden,
-                                           ndim=ndim, residual=self.kind == "restore", rngs=rngs)
+                                           ndim=ndim, residual=self.kind == "restore",
+                                           residual_from=RESIDUAL_FROM.get(task, 0), rngs=rngs)
 
     def _raw_features(self, x):
         if self.family == "volume":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from vfm_align.errors import ConfigError
+from vfm_align.data.tasks import TASKS, get_task
 
 BACKBONES = {
     # arch, family, released config, tiny config, in-loop alignment sites
@@ -25,8 +26,9 @@ BACKBONES = {
                    "pos_src_grid": 4, "head_channels": (8, 8), "cl_out": 0}, ("pooled", "patch")),
 }
 
-TASK_OUTPUTS = {"classification": 2, "segmentation": 2, "detection": 2, "super_resolution": 3,
-                "distortion_correction": 3}
+# Output widths follow the task definitions (segmentation: bg/TZ/PZ; super-resolution: T2w;
+# distortion correction: [DWI, ADC]), so recipes and cohort targets always agree.
+TASK_OUTPUTS = {name: get_task(name).num_outputs for name in TASKS}
 
 
 def base_config(backbone: str, task: str, variant: str = "default") -> mlc.ConfigDict:

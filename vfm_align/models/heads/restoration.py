@@ -17,11 +17,15 @@ from vfm_align.models.layers import gelu
 
 class RestorationDecoder(nnx.Module):
     def __init__(self, feat_dim: int, in_channels: int, out_channels: int, *, hidden: int = 32, ndim: int = 3,
-                 residual: bool = True, rngs: nnx.Rngs):
-        if residual and out_channels > in_channels:
-            raise ValueError(f"residual decoder needs out_channels <= in_channels, got {out_channels} > {in_channels}")
+                 residual: bool = True, residual_from: int = 0, rngs: nnx.Rngs):
+        if residual and residual_from + out_channels > in_channels:
+            raise ValueError(f"residual decoder adds input channels {residual_from}..{residual_from + out_channels - 1}, "
+                             f"but the input has {in_channels}")
         k1, k3 = (1,) * ndim, (3,) * ndim
         self.residual = residual
+        # The input channels the correction is added to: the degraded versions of the targets
+        # (T2w for super-resolution, [DWI, ADC] for distortion correction).
+        self.residual_from = residual_from
         self.out_channels = out_channels
         self.proj = nnx.Conv(feat_dim, hidden, k1, rngs=rngs)
         self.fuse1 = nnx.Conv(hidden + in_channels, hidden, k3, padding=1, rngs=rngs)
@@ -42,5 +46,5 @@ class RestorationDecoder(nnx.Module):
         h = gelu(self.fuse2(h))
         y = self.out(h)
         if self.residual:
-            y = y + skip[..., : self.out_channels].astype(y.dtype)
+            y = y + skip[..., self.residual_from : self.residual_from + self.out_channels].astype(y.dtype)
         return y
