@@ -9,6 +9,7 @@ returns a dict of metrics whose ``task.primary`` entry ranks models (higher is b
 
 from __future__ import annotations
 
+import abc
 import zlib
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ KINDS = ("classification", "segmentation", "dense_regression")
 
 
 @dataclass(frozen=True)
-class Task:
+class Task(abc.ABC):
     """Base: name, kind (one of KINDS), num_outputs (logits / channels), primary metric."""
 
     name: str = ""
@@ -32,11 +33,13 @@ class Task:
     primary: str = ""
     higher_is_better: bool = True
 
-    def make(self, sample: dict):  # pragma: no cover - every task overrides it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make(self, sample: dict):
+        """(input (D, H, W, C), target) of one case."""
 
-    def evaluate(self, preds, targets, glands=None) -> dict:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def evaluate(self, preds, targets, glands=None) -> dict:
+        """Task metrics over a set of predictions."""
 
 
 @dataclass(frozen=True)
