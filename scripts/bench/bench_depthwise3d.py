@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vfm_align.models.ops3d import depthwise_conv3d
+from timing import sample_times
 
 STAGES = [(96, 16, 56, 56), (192, 8, 28, 28), (384, 4, 14, 14), (768, 4, 14, 14)]
 
@@ -42,11 +43,7 @@ IMPLS = {
 
 
 def timeit(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    ts = sample_times(fn, reps)
     return float(np.median(ts))
 
 

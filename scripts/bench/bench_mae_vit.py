@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 import converters.profound_mae as pm
+from timing import sample_times
 
 E, DEPTH, HEADS, MLP = 768, 12, 12, 3072
 DE, DDEPTH, DMLP = 384, 8, 1536
@@ -89,11 +90,7 @@ def torch_encoder(sd):
 
 
 def timeit(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    times = sample_times(fn, reps)
     q1, med, q3 = np.percentile(times, [25, 50, 75])
     return med, q3 - q1
 

@@ -22,16 +22,13 @@ import tempfile
 import time
 
 import numpy as np
+from timing import sample_times
 
 D = 768
 
 
 def _median_time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    ts = sample_times(fn, reps)
     return float(np.median(ts))
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from vfm_align.models.convnext3d import ConvNeXt3DConfig
 from vfm_align.models.registry import build_model
+from timing import sample_times
 
 
 def torch_convnext(params, cfg):
@@ -82,11 +83,7 @@ def torch_convnext(params, cfg):
 
 
 def median_time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+    ts = sample_times(fn, reps)
     return float(np.median(ts)), float(np.percentile(ts, 25)), float(np.percentile(ts, 75))
 
 

@@ -27,6 +27,7 @@ import platform
 import time
 
 import numpy as np
+from timing import sample_times
 
 
 def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, regs: int = 4, classes: int = 4):
@@ -134,11 +135,7 @@ def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, re
 
 
 def _timeit(fn, reps: int) -> np.ndarray:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
+    out = sample_times(fn, reps)
     return np.asarray(out)
 
 
