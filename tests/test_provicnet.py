@@ -13,7 +13,7 @@ from converters.provicnet import fold_weight_norm
 from converters.torch_reader import load_state_dict
 from vfm_align.errors import ConfigError, ConversionError
 from vfm_align.models.layers import gelu
-from vfm_align.models.provicnet import load_stream_heads, resize_pos_table
+from vfm_align.models.provicnet import load_stream_heads, resize_pos_table, upsample2_conv3x3
 
 TOL = 1e-4
 
@@ -100,6 +100,28 @@ def test_weight_norm_fold_matches_definition():
     w = fold_weight_norm(g, v)
     for i in range(5):
         np.testing.assert_allclose(w[i], g[i, 0] * v[i] / math.sqrt(float((v[i].astype(np.float64) ** 2).sum())), rtol=1e-6)
+
+
+def _upsample_conv_numpy(x, kernel, bias):
+    """The reference order of operations: nearest x2 (torch nn.Upsample), then a padded 3x3 conv."""
+    up = x.repeat(2, axis=1).repeat(2, axis=2)
+    n, h, w, _ = up.shape
+    padded = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, kernel.shape[-1]), np.float64) + bias
+    for dy in range(3):
+        for dx in range(3):
+            out += padded[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4), (1, 1, 1, 2, 3), (3, 8, 6, 16, 5)])
+def test_upsample_conv_on_the_low_resolution_grid_is_exact(shape):
+    n, h, w, cin, cout = shape
+    r = np.random.default_rng(h * w)
+    x = r.normal(size=(n, h, w, cin))
+    kernel, bias = r.normal(size=(3, 3, cin, cout)), r.normal(size=cout)
+    got = jax.jit(upsample2_conv3x3)(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)))
+    np.testing.assert_allclose(np.asarray(got), _upsample_conv_numpy(x, kernel, bias), atol=1e-4, rtol=1e-5)
 
 
 def test_gelu_is_exact_erf():

@@ -5,18 +5,18 @@ Builds a compact PyTorch twin of the network (ViT-S/14, 4 registers, 12 blocks, 
 6 heads, slice-position tokens, conv_head8) with the reference state_dict key names and random
 weights, converts that state_dict with ``converters.convert_state_dict`` (so the full-size
 converter is exercised too), checks both outputs agree, then times both side by side in one
-run: compile time apart, medians and IQR over --reps calls, same thread count, float32.
+run: compile time apart, medians and IQR over --reps calls taken in turn (JAX, PyTorch, JAX, ...),
+same thread count, float32.
 
     python3 scripts/bench/bench_provicnet.py [--batch 8] [--reps 5] [--threads N] [--depth 12]
 
 Needs torch (the ``bench`` extra). CPU timings on a shared machine are noisy; the ratio measured
 in one run is the number to read.
 
-Last runs (2 cores shared with other jobs, load average 14-20, jax 0.10.2, torch 2.13 with 2
-threads, --reps 3; absolute times are inflated by the load, ratios are within one run):
-encoder 25.2 s vs PyTorch 31.0 s (1.23x) and 24.4 s vs 33.9 s (1.39x); full model 40.1 s vs
-60.9 s (1.52x); with --attention xla (naive baseline) the encoder was 65.3 s vs 44.6 s (0.68x).
-Outputs agree to 4.4e-6 (tokens) and 7e-7 (logits).
+Last run (idle 2-core machine, jax 0.10.2, torch 2.13 with 2 threads, --reps 7, interleaved):
+encoder 4.66 s vs PyTorch 4.98 s (1.07x); full model 4.54 s vs 4.89 s (1.08x). The segmentation
+head runs its nearest-x2 + 3x3 convolutions on the low-resolution grid (upsample2_conv3x3), which
+took the full model from 0.95x to 1.08x. Outputs agree to 4.4e-6 (tokens) and 7e-7 (logits).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import platform
 import time
 
 import numpy as np
-from timing import sample_times
+from timing import interleaved_times
 
 
 def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, regs: int = 4, classes: int = 4):
@@ -134,11 +134,6 @@ def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, re
     return net
 
 
-def _timeit(fn, reps: int) -> np.ndarray:
-    out = sample_times(fn, reps)
-    return np.asarray(out)
-
-
 def _fmt(ts: np.ndarray) -> str:
     q1, med, q3 = np.percentile(ts, [25, 50, 75])
     return f"{med:7.3f} s (IQR {q1:.3f}-{q3:.3f})"
@@ -206,10 +201,11 @@ def main() -> None:
         with torch.inference_mode():
             ref = tfn(x_t, pos_t).numpy()
             tfn(x_t, pos_t)
-            t_torch = _timeit(lambda: tfn(x_t, pos_t), args.reps)
-        out = np.asarray(jax.block_until_ready(compiled(state, x_j, pos_j)))
-        jax.block_until_ready(compiled(state, x_j, pos_j))
-        t_jax = _timeit(lambda: jax.block_until_ready(compiled(state, x_j, pos_j)), args.reps)
+            out = np.asarray(jax.block_until_ready(compiled(state, x_j, pos_j)))
+            jax.block_until_ready(compiled(state, x_j, pos_j))
+            ts = interleaved_times({"jax": lambda: jax.block_until_ready(compiled(state, x_j, pos_j)),
+                                    "torch": lambda: tfn(x_t, pos_t)}, args.reps)
+        t_jax, t_torch = ts["jax"], ts["torch"]
         if out.ndim == 4:
             out = out.transpose(0, 3, 1, 2)
         err = float(np.abs(out - ref).max())

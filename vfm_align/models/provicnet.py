@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vfm_align.models.layers import Attention, Mlp, batch_norm, layer_norm
@@ -79,6 +80,37 @@ def upsample2(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+# Which of a 3x3 kernel's taps land on each low-resolution neighbour after a nearest x2 upsampling:
+# output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i; row 2i+1 reads i, i, i+1.
+# _PHASE_TAPS[parity, tap, k] says whether kernel row k falls on the parity's tap-th neighbour.
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
+                        [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def upsample2_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``conv3x3(upsample2(x))`` (padding 1) computed on the low-resolution grid.
+
+    Each of the four output phases is a 2x2 convolution of the input with summed kernel taps, so
+    all four come from one 2x2 convolution with 4x the output channels followed by an interleave.
+    That is 16 instead of 36 multiply-adds per input pixel and channel pair and never materialises
+    the upsampled tensor; the result equals the direct form up to float rounding of the summed taps.
+    x: (N, H, W, Cin); kernel: (3, 3, Cin, Cout) (flax HWIO) -> (N, 2H, 2W, Cout).
+    """
+    n, h, w, _ = x.shape
+    cout = kernel.shape[-1]
+    taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
+    # (a, b, tap_row, tap_col, Cin, Cout) -> (tap_row, tap_col, Cin, a, b, Cout)
+    k = jnp.einsum("apk,bql,klio->pqiabo", taps, taps, kernel).reshape(2, 2, kernel.shape[2], 4 * cout)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = jax.lax.conv_general_dilated(xp, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(n, h + 1, w + 1, 2, 2, cout)
+    # phase (a, b) of output pixel (i, j) sits at low-res position (i + a, j + b)
+    rows = [jnp.stack([y[:, a:a + h, b:b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
+    out = jnp.stack(rows, axis=2)  # (N, H, 2, W, 2, Cout)
+    out = out.reshape(n, 2 * h, 2 * w, cout)
+    return out if bias is None else out + bias
+
+
 def resize_pos_table(table: jax.Array, src_grid: int, dst_grid: int) -> jax.Array:
     """[1, 1 + s*s, E] -> [1, 1 + d*d, E]: class row kept, grid resized bicubic with antialias.
 
@@ -103,7 +135,7 @@ class ConvBNReLU(nnx.Module):
         self.bn = batch_norm(cout, eps=bn_eps, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(self.bn(self.conv(upsample2(x))))
+        return jax.nn.relu(self.bn(upsample2_conv3x3(x, self.conv.kernel.value, self.conv.bias.value)))
 
 
 class ConvHead8(nnx.Module):
@@ -117,7 +149,7 @@ class ConvHead8(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for stage in self.stages:
             x = stage(x)
-        return self.classifier(upsample2(x))
+        return upsample2_conv3x3(x, self.classifier.kernel.value, self.classifier.bias.value)
 
 
 class ContrastiveHead(nnx.Module):
@@ -274,7 +306,7 @@ class ProViCNetFusion(nnx.Module):
                 raise ValueError(f"{name} tokens: {t} is not a square grid")
             maps.append(self.streams[name](tok.reshape(n, g, g, e)))
         x = self.fuse(jnp.concatenate(maps, axis=-1))
-        return self.classifier(upsample2(x))
+        return upsample2_conv3x3(x, self.classifier.kernel.value, self.classifier.bias.value)
 
 
 def load_stream_heads(fusion: ProViCNetFusion, **per_sequence: ProViCNet) -> ProViCNetFusion:
