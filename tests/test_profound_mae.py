@@ -100,6 +100,13 @@ def test_patchify_order_and_inverse(g):
     np.testing.assert_array_equal(np.asarray(unpatchify(p, (2, 4, 3), (4, 8, 8))), np.asarray(g["x"]))
 
 
+def test_patch_embedding_convolution_equals_the_patch_matmul(converted, g):
+    model, _ = converted
+    ref = np.asarray(g["target_patches"], np.float64) @ np.asarray(model.patch_embed.kernel.get_value(), np.float64)
+    ref += np.asarray(model.patch_embed.bias.get_value())
+    _close(model.embed_patches(g["x"]), ref, tol=1e-5)
+
+
 def test_features_match_encode(converted, g):
     model, _ = converted
     with jax.default_matmul_precision("highest"):
