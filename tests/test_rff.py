@@ -84,7 +84,7 @@ def test_streaming_from_memmap_equals_in_memory(tmp_path, shifted):
     bank = np.load(path, mmap_mode="r")
     w = rff_frequencies(16, 512, [3.0], seed=1)
     whole = feature_sums(x, w)
-    streamed = feature_sums(bank, w, chunk_rows=100)  # rounds to 256-row chunks: 2 chunks, the last padded
+    streamed = feature_sums(bank, w, chunk_rows=100)  # chunks round up to 256 rows: 2 chunks, the last padded
     np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-3)
     # And against float64 numpy.
     th = x.astype(np.float64) @ w.astype(np.float64)

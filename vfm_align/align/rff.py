@@ -133,7 +133,11 @@ def feature_sums(x, freqs, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None, n
     """
     n = x.shape[0]
     ndev = 1 if mesh is None else mesh.devices.size
-    step = min(_round_up(chunk_rows, SUB_ROWS * ndev), _round_up(n, SUB_ROWS * ndev))
+    # Balanced chunks: as many as chunk_rows asks for, all of one size (one compile) and padded
+    # by less than SUB_ROWS * ndev rows in total. Fixed-size chunks would pad the last one to
+    # full size, e.g. 100,000 rows in 32,768-row chunks computes 131,072 rows.
+    num_chunks = max(1, -(-n // max(chunk_rows, 1)))
+    step = _round_up(-(-n // num_chunks), SUB_ROWS * ndev)
     if mesh is None:
         put_x = put_w = put_f = jax.device_put
     else:
