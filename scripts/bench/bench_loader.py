@@ -1,14 +1,16 @@
 """Loader throughput (cold and cached) and whether a jitted train step waits on the loader.
 
-    python scripts/bench/bench_loader.py [--cases 48] [--shape 32,96,96] [--batch 2] [--threads 2] [--workers 0]
+    python scripts/bench/bench_loader.py [--cases 48] [--shape 32,96,96] [--batch 8] [--threads 2] [--workers 0]
 
 Prints, measured in one run:
   1. phantom generation time (not part of loading);
   2. cold: preprocessing into an empty cache + one pass of the loader, volumes/s;
   3. warm: one pass of the loader from the cache, with and without augmentation, volumes/s;
-  4. a small 3-layer conv net's jitted train step (compile timed apart) fed (a) one synthetic batch
-     already on device, (b) the loader (host batch -> device_put each step); the ratio b/a shows
-     how much the step waits on the loader.
+  4. the project's smallest model (the --recipe backbone's tiny recipe) in its own jitted train
+     step (compile timed apart), fed (a) one batch already on device, (b) the augmenting loader
+     (random crops to the recipe's shape, host batch -> device each step); the ratio b/a shows how
+     much the step waits on the loader. On a CPU-only machine the loader's threads and the step
+     share the same cores, so b/a also contains that contention.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=48)
     ap.add_argument("--shape", default="32,96,96")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="loader worker processes (0: threads only)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--task", default="segmentation")
+    ap.add_argument("--recipe", default="profound_mae", help="backbone whose tiny recipe is the stepped model")
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
 
@@ -77,67 +80,58 @@ def main(argv=None) -> int:
         print(f"{'warm from cache, no augmentation':<34}{warm:>10.1f}   x{warm / cold:.1f} vs cold")
         print(f"{'warm from cache, augmented':<34}{warm_aug:>10.1f}")
 
-        import optax
-        from flax import nnx
+        # The project's smallest recipe model and its own jitted, donated train step, fed at the
+        # recipe's input shape (random crops of the augmented cases).
+        from vfm_align.models.task_model import task_kind
+        from vfm_align.train import mesh as M
+        from vfm_align.train.loop import DEFAULT_LOSS, build_task_model
+        from vfm_align.train.optim import make_optimizer
+        from vfm_align.train.recipes import base_config
+        from vfm_align.train.state import create_state
+        from vfm_align.train.step import jit_train_step, make_train_step, task_loss
 
-        class TinyNet(nnx.Module):
-            """Patchify (4^3, stride 4) -> 3^3 conv -> 1^3 conv to 4^3 x classes -> unpatchify (cheap on CPU)."""
+        cfg = base_config(args.recipe, args.task, "tiny")
+        crop = tuple(cfg.data.shape)
+        kind = task_kind(args.task)
+        mesh = M.make_mesh(-1, 1)
+        gdef, _, state, sh, tx = create_state(lambda: build_task_model(cfg, crop + (3,)),
+                                              lambda p: make_optimizer(cfg.optim, p, 1000)[0], mesh,
+                                              min_size=int(cfg.mesh.fsdp_min_size))
+        step = jit_train_step(make_train_step(gdef, task_loss(kind, DEFAULT_LOSS[kind]), tx, kind=kind, seed=0), sh, mesh)
 
-            def __init__(self, cin, cout, *, rngs):
-                self.cout = cout
-                self.stem = nnx.Conv(cin, 16, (4, 4, 4), strides=(4, 4, 4), padding="VALID", rngs=rngs)
-                self.mid = nnx.Conv(16, 16, (3, 3, 3), rngs=rngs)
-                self.head = nnx.Conv(16, 64 * cout, (1, 1, 1), rngs=rngs)
+        def fed_loader(epoch):
+            return Loader(cases, cache, task, batch_size=args.batch, seed=0, train=True, augment_cfg=AugmentConfig(),
+                          shape=crop, num_threads=args.threads, prefetch=4, workers=args.workers,
+                          process_index=0, process_count=1).epoch(epoch)
 
-            def __call__(self, x):
-                h = self.head(nnx.gelu(self.mid(nnx.gelu(self.stem(x), approximate=False)), approximate=False))
-                b, d, hh, w, _ = h.shape
-                h = h.reshape(b, d, hh, w, 4, 4, 4, self.cout).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-                return h.reshape(b, 4 * d, 4 * hh, 4 * w, self.cout)
+        def put(b):
+            return M.global_batch({"image": b["image"], "target": b["target"]}, mesh)
 
-        model = TinyNet(3, task.num_outputs, rngs=nnx.Rngs(0))
-        opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-        graphdef, state = nnx.split((model, opt))
-
-        def step(state, image, target):
-            m, o = nnx.merge(graphdef, state)
-
-            def loss_fn(m):
-                logits = m(image)
-                onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
-                return -(onehot * jax.nn.log_softmax(logits)).sum(-1).mean()
-
-            loss, grads = nnx.value_and_grad(loss_fn)(m)
-            o.update(m, grads)
-            return nnx.state((m, o)), loss
-
-        jstep = jax.jit(step, donate_argnums=0)
-        first = next(make(AugmentConfig()).epoch(0))
-        img = jax.device_put(first["image"])
-        tgt = jax.device_put(first["target"])
+        first = put(next(fed_loader(0)))
         t0 = time.perf_counter()
-        compiled = jstep.lower(state, img, tgt).compile()
-        print(f"train step compile: {time.perf_counter() - t0:.2f} s")
+        compiled = step.lower(state, first).compile()
+        print(f"{args.recipe} (tiny recipe, {crop}) train step compile: {time.perf_counter() - t0:.2f} s")
         for _ in range(2):
-            state, loss = compiled(state, img, tgt)
-        jax.block_until_ready(loss)
+            state, metrics = compiled(state, first)
+        jax.block_until_ready(metrics)
         synth = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            state, loss = compiled(state, img, tgt)
-            jax.block_until_ready(loss)
+            state, metrics = compiled(state, first)
+            jax.block_until_ready(metrics)
             synth.append(time.perf_counter() - t0)
         fed = []
-        it = make(AugmentConfig()).epoch(2)
+        it, epoch = fed_loader(2), 2
         for _ in range(args.steps):
             t0 = time.perf_counter()
             try:
                 b = next(it)
             except StopIteration:
-                it = make(AugmentConfig()).epoch(3)
+                epoch += 1
+                it = fed_loader(epoch)
                 b = next(it)
-            state, loss = compiled(state, jax.device_put(b["image"]), jax.device_put(b["target"]))
-            jax.block_until_ready(loss)
+            state, metrics = compiled(state, put(b))
+            jax.block_until_ready(metrics)
             fed.append(time.perf_counter() - t0)
         ms, mf = statistics.median(synth), statistics.median(fed)
         print(f"{'train step (median of ' + str(args.steps) + ')':<34}{'s/step':>10}")
