@@ -66,6 +66,32 @@ def test_patch_conv_equals_strided_conv_and_drops_remainder(k):
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5)
 
 
+def _np_conv3d_same(x, k):
+    n, d, h, w, _ = x.shape
+    kd, kh, kw, _, co = k.shape
+    xp = np.pad(x, ((0, 0), (kd // 2,) * 2, (kh // 2,) * 2, (kw // 2,) * 2, (0, 0))).astype(np.float64)
+    out = np.zeros((n, d, h, w, co))
+    for a in range(kd):
+        for b in range(kh):
+            for e in range(kw):
+                out += xp[:, a:a + d, b:b + h, e:e + w] @ k[a, b, e]
+    return out
+
+
+@pytest.mark.parametrize("ksize", [(3, 3, 3), (5, 3, 1), (1, 3, 3)])
+def test_conv3d_same_matches_numpy_with_its_gradient(ksize):
+    rng = np.random.default_rng(sum(ksize))
+    x = rng.standard_normal((2, 5, 6, 7, 4)).astype(np.float32)
+    k = rng.standard_normal((*ksize, 4, 3)).astype(np.float32)
+    g = rng.standard_normal((2, 5, 6, 7, 3))
+    y = jax.jit(ops3d.conv3d)(jnp.asarray(x), jnp.asarray(k))
+    np.testing.assert_allclose(np.asarray(y), _np_conv3d_same(x, k), atol=1e-4)
+    # the gradient of <conv(x, k), g> w.r.t. x is the conv of g with the flipped, transposed kernel
+    gx = jax.grad(lambda x: jnp.sum(ops3d.conv3d(x, jnp.asarray(k)) * jnp.asarray(g, jnp.float32)))(jnp.asarray(x))
+    k_adj = k[::-1, ::-1, ::-1].transpose(0, 1, 2, 4, 3)
+    np.testing.assert_allclose(np.asarray(gx), _np_conv3d_same(g, k_adj), atol=1e-4)
+
+
 def test_adaptive_pool_bins_worked_example():
     # torch rule for depth 4 -> 6: bins [0,1),[0,2),[1,2),[2,3),[2,4),[3,4)
     x = np.arange(4, dtype=np.float32).reshape(1, 4, 1, 1, 1)

