@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -23,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vfm_align.atomic import atomic_dir
 from vfm_align.errors import CheckpointError
 from vfm_align.models.registry import build_model, config_from_dict
 
@@ -54,10 +53,7 @@ def save_model(model: nnx.Module, arch: str, config: Any, out_dir: str | os.Path
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         pure = nnx.to_pure_dict(_weights(model))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), pure)
@@ -65,12 +61,6 @@ def save_model(model: nnx.Module, arch: str, config: Any, out_dir: str | os.Path
         sidecar = {"format_version": FORMAT_VERSION, "arch": arch, "config": _jsonable(config), **_jsonable(extra or {})}
         with open(os.path.join(tmp, SIDECAR), "w") as fh:
             json.dump(sidecar, fh, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

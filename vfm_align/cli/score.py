@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from vfm_align.atomic import write_json
 
 
 def register(sub) -> None:
@@ -164,8 +165,6 @@ def _banks_from_models(args, out_dir, timings):
 
 
 def run(args) -> int:
-    import numpy as np
-
     from vfm_align.align import linear_cka, median_sigma, mmd, mmd_test, open_bank, paired_drift
     from vfm_align.errors import ConfigError
 
@@ -226,10 +225,7 @@ def run(args) -> int:
         timings["paired_s"] = time.perf_counter() - t0
     result["timings"] = timings
     if out_dir:
-        tmp = res_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(tmp, res_path)
+        write_json(res_path, result)
     _print_table(result)
     if out_dir:
         print(f"wrote {res_path}")

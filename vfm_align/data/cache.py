@@ -13,13 +13,12 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from vfm_align.atomic import atomic_dir
 from vfm_align.data.cohort import MASKS, Case, Cohort, summarise_bad, check_masks, load_case
 from vfm_align.data.nifti import load_volume
 from vfm_align.data.resample import resample_onto, resample_to_spacing, to_canonical
@@ -127,26 +126,16 @@ class PreprocessCache:
 
     def put(self, case: Case) -> None:
         arrays = preprocess_case(case, self.recipe, self.classes)
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{case.case_id}-", dir=self.dir)
-        try:
+        final = self._case_dir(case)
+        # concurrent_ok: another thread or process may finish the same case first; keep theirs if fresh.
+        with atomic_dir(final, concurrent_ok=True) as tmp:
             for name in ("image", *MASKS):
                 np.save(os.path.join(tmp, f"{name}.npy"), arrays[name])
             meta = {**arrays["meta"], "recipe": asdict(self.recipe), "sources": _fingerprint(case)}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, default=list)
-            final = self._case_dir(case)
-            if os.path.exists(final):
-                shutil.rmtree(final, ignore_errors=True)
-            try:
-                os.replace(tmp, final)
-            except OSError:  # another thread/process finished the same case first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not self.is_fresh(case):
-                    raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        if not self.is_fresh(case):
+            raise DataError(f"case {case.case_id}: the cache entry {final} was replaced by a different one while writing")
 
     def get(self, case: Case) -> dict:
         """The cached arrays of ``case`` as read-only memmaps (preprocessing it first if needed)."""

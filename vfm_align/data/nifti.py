@@ -9,12 +9,12 @@ attached so outputs can be written back onto the input's grid.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 
+from vfm_align.atomic import atomic_file
 from vfm_align.errors import DataError
 
 
@@ -85,16 +85,7 @@ def save_like(data: np.ndarray, ref: Volume, path: str | os.PathLike, *, dtype=n
     header = ref.header.copy()
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype).transpose(2, 1, 0), ref.affine, header)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     suffix = ".nii.gz" if path.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -24,15 +24,14 @@ import csv
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from vfm_align.atomic import atomic_dir
 from vfm_align.errors import DataError
 
 B_VALUE = 1.4e-3  # s/mm^2 * 1e-6 scaling: ADC is stored in 1e-6 mm^2/s, b = 1400 s/mm^2
@@ -326,10 +325,7 @@ def make_phantom(out: str | os.PathLike, cases: int = 200, *, shape=(32, 96, 96)
         if not overwrite:
             raise DataError(f"{out}: exists and is not this phantom (cases={cases}, seed={seed}, shape={cfg.shape}); "
                             "choose another output folder or overwrite it (--overwrite)")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".phantom-tmp-", dir=parent)
-    try:
+    with atomic_dir(out) as tmp:
         jobs = [(i, cases, seed, cfg, tmp) for i in range(cases)]
         workers = max(1, min(workers or os.cpu_count() or 1, cases))
         from tqdm.auto import tqdm
@@ -356,10 +352,4 @@ def make_phantom(out: str | os.PathLike, cases: int = 200, *, shape=(32, 96, 96)
         with open(os.path.join(tmp, "phantom.json"), "w") as f:
             json.dump({"recipe": recipe, "spacing_dhw_mm": cfg.spacing,
                        "cases": [spec for _, spec in results]}, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
