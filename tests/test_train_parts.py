@@ -75,6 +75,29 @@ def test_layer_decay_labels_follow_profound_layer_ids():
     assert scales["layer001/decay"] == pytest.approx(0.5 ** 3) and scales["layer004/nodecay"] == 1.0
 
 
+@pytest.mark.parametrize("flat", [True, False])
+def test_optimizer_equals_one_optax_adamw_per_group(flat):
+    """The raveled (or per-leaf) update against optax's own AdamW per label group, over three steps."""
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), _convnext_like())
+    cfg = _optim_cfg()
+    cfg.layer_decay, cfg.weight_decay, cfg.clip_norm = 0.5, 0.1, 1.0
+    tx, sched = make_optimizer(cfg, params, 10, flat=flat)
+    labels, scales = param_labels(params, layer_decay=0.5)
+    ref = optax.chain(optax.clip_by_global_norm(float(cfg.clip_norm)), optax.multi_transform(
+        {k: optax.adamw(lambda n, s=s: sched(n) * s, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=0.1 if k.endswith("/decay") else 0.0) for k, s in scales.items()}, labels))
+    p, q, s, r = params, params, tx.init(params), ref.init(params)
+    for _ in range(3):
+        g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
+        u, s = jax.jit(tx.update)(g, s, p)
+        v, r = ref.update(g, r, q)
+        p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(p["backbone"]["norm"]["scale"] - params["backbone"]["norm"]["scale"]).max()) > 0
+
+
 def test_frozen_backbone_gets_no_update_and_head_does():
     params = _convnext_like()
     tx, _ = make_optimizer(_optim_cfg(), params, 10, freeze_backbone=True)

@@ -2,8 +2,12 @@
 no weight decay on 1-D tensors / biases / GRN, a frozen-backbone linear probe, global-norm
 clipping and gradient accumulation (optax.MultiSteps).
 
-Parameters are grouped by a label per leaf (``param_labels``) and ``optax.multi_transform`` gives
-every group its own AdamW with a scaled schedule. Layer ids follow ProFound's "single" layer-decay
+Parameters are grouped by a label per leaf (``param_labels``); every group is AdamW with its own
+lr scale and weight decay. The update runs on all parameters raveled into one vector
+(``optax.flatten``), with the per-group scale and decay as per-element vectors: the same math as
+one ``optax.adamw`` per group under ``optax.multi_transform``, but XLA compiles a handful of large
+kernels instead of a dozen per leaf (a 52-leaf tiny model: 1.6 s instead of 10 s of CPU compile).
+Layer ids follow ProFound's "single" layer-decay
 mode (embeddings 0, ``blocks.i`` -> i+1 for ViTs, ``downsample_layers.i`` -> sum(depths[:i])+1
 and ``stages.s.b`` -> sum(depths[:s])+b+1 for ConvNeXt, anything else in the backbone -> L+1,
 lr scale layer_decay**(L+1-id)); the task head gets the base lr.
@@ -11,9 +15,11 @@ lr scale layer_decay**(L+1-id)); the task head gets the base lr.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vfm_align.errors import ConfigError
@@ -102,11 +108,47 @@ def schedule(cfg, total_updates: int):
     return optax.warmup_cosine_decay_schedule(0.0, float(cfg.lr), warm, total, float(cfg.min_lr))
 
 
-def make_optimizer(cfg, params, total_steps: int, *, freeze_backbone: bool = False):
+def _per_element(sizes: list[int], values: list[float]) -> jax.Array:
+    """A vector holding values[i] for each of the sizes[i] elements of leaf i (raveled order).
+
+    Runs of equal values become one broadcast each, so XLA fuses the whole vector into one loop.
+    """
+    runs: list[list] = []
+    for n, v in zip(sizes, values):
+        if runs and runs[-1][1] == v:
+            runs[-1][0] += n
+        else:
+            runs.append([n, v])
+    return jnp.concatenate([jnp.full((n,), v, jnp.float32) for n, v in runs])
+
+
+def _leafwise_decay_and_scale(sizes, decay, scale, *, flat: bool) -> optax.GradientTransformation:
+    """u -> scale * (u + decay * params) with per-leaf constants, on the pytree or (``flat``) its raveled vector."""
+
+    def update(updates, state, params=None):
+        if flat:
+            u = updates + _per_element(sizes, decay).astype(updates.dtype) * params if any(decay) else updates
+            return u * _per_element(sizes, scale).astype(updates.dtype), state
+        leaves, treedef = jax.tree.flatten(updates)
+        p_leaves = jax.tree.leaves(params) if any(decay) else [None] * len(leaves)
+        out = [(u + dv * p if dv else u) * sv for u, p, dv, sv in zip(leaves, p_leaves, decay, scale)]
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+# Models up to this many parameters are updated as one raveled vector (see the module docstring).
+# Larger ones keep per-leaf updates, so FSDP-sharded weights are never concatenated across shards.
+FLAT_MAX_PARAMS = 1 << 24
+
+
+def make_optimizer(cfg, params, total_steps: int, *, freeze_backbone: bool = False, flat: bool | None = None):
     """The optax transformation for ``params`` from an ``optim`` config section.
 
     Fields: name ('adamw' | 'adam'), lr, min_lr, warmup_steps, weight_decay, b1, b2, eps,
     layer_decay, backbone_lr_mult, clip_norm (0 = off), grad_accum (micro-batches per update).
+    ``flat``: update all parameters as one raveled vector; default: when there are at most
+    ``FLAT_MAX_PARAMS`` of them.
     """
     if cfg.name not in ("adamw", "adam"):
         raise ConfigError(f"optim.name: unknown optimizer '{cfg.name}' (choose adamw or adam)")
@@ -117,19 +159,21 @@ def make_optimizer(cfg, params, total_steps: int, *, freeze_backbone: bool = Fal
     labels, scales = param_labels(params, freeze_backbone=freeze_backbone, layer_decay=float(cfg.layer_decay),
                                   backbone_lr_mult=float(cfg.backbone_lr_mult))
     wd = float(cfg.weight_decay) if cfg.name == "adamw" else 0.0
-    transforms = {}
-    for label, scale in scales.items():
-        if label == "frozen":
-            transforms[label] = optax.set_to_zero()
-            continue
-        lr = (lambda s: (lambda step: sched(step) * s))(scale)
-        transforms[label] = optax.adamw(lr, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                                        weight_decay=wd if label.endswith("/decay") else 0.0)
+    label_leaves = jax.tree.leaves(labels)
+    sizes = [math.prod(leaf.shape) for leaf in jax.tree.leaves(params)]
+    if flat is None:
+        flat = sum(sizes) <= FLAT_MAX_PARAMS
+    decay = [wd if label.endswith("/decay") else 0.0 for label in label_leaves]
+    scale = [scales[label] for label in label_leaves]  # "frozen" has scale 0: its updates are exactly 0
     parts = []
     if float(cfg.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-    parts.append(optax.multi_transform(transforms, labels))
+    # adamw = scale_by_adam -> add decayed weights -> -lr; the group's lr scale multiplies the last two.
+    parts += [optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps)),
+              _leafwise_decay_and_scale(sizes, decay, scale, flat=flat), optax.scale_by_learning_rate(sched)]
     tx = optax.chain(*parts)
+    if flat:
+        tx = optax.flatten(tx)
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum)
     return tx, sched
