@@ -60,15 +60,24 @@ def create_state(build, make_tx, mesh, *, min_size: int = 2**14, backbone=None):
 
     state = jax.jit(init, out_shardings=sh)()
     if backbone is not None:
-        # Adam moments start at zero whatever the weights, so only the weights need replacing.
-        for key, filt in (("params", nnx.Param), ("rest", nnx.Not(nnx.Param))):
-            src = nnx.state(backbone, filt)
-            if "backbone" not in state[key]:
-                continue
-            tgt = state[key]["backbone"]
-            if jax.tree.structure(src) != jax.tree.structure(tgt):
-                from vfm_align.errors import CheckpointError
-
-                raise CheckpointError("pretrained backbone does not match the configured architecture")
-            state[key]["backbone"] = jax.device_put(src, sh[key]["backbone"])
+        state = with_backbone(state, backbone, sh)
     return gdef_train, gdef_eval, state, sh, tx
+
+
+def with_backbone(state, backbone, sh):
+    """Replace, in place, the weights of ``state``'s ``backbone`` subtree by those of ``backbone``.
+
+    Adam moments start at zero whatever the weights, so only the weights need replacing; they go
+    straight into the state's shardings ``sh``. Returns ``state``.
+    """
+    for key, filt in (("params", nnx.Param), ("rest", nnx.Not(nnx.Param))):
+        src = nnx.state(backbone, filt)
+        if "backbone" not in state[key]:
+            continue
+        tgt = state[key]["backbone"]
+        if jax.tree.structure(src) != jax.tree.structure(tgt):
+            from vfm_align.errors import CheckpointError
+
+            raise CheckpointError("pretrained backbone does not match the configured architecture")
+        state[key]["backbone"] = jax.device_put(src, sh[key]["backbone"])
+    return state
