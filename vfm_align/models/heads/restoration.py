@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vfm_align.models.layers import gelu
+from vfm_align.models.ops3d import conv3d
 
 
 class RestorationDecoder(nnx.Module):
@@ -36,14 +37,21 @@ class RestorationDecoder(nnx.Module):
                 else nnx.initializers.lecun_normal())
         self.out = nnx.Conv(hidden, out_channels, k1, kernel_init=init, rngs=rngs)
 
+    @staticmethod
+    def _conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+        """A 'same' 3x3(x3) conv; volumes go through ops3d.conv3d (XLA:CPU's 3D conv is slow at these widths)."""
+        if x.ndim == 5:
+            return conv3d(x, conv.kernel.get_value().astype(x.dtype), conv.bias.get_value().astype(x.dtype))
+        return conv(x)
+
     def __call__(self, feats: jax.Array, skip: jax.Array) -> jax.Array:
         """feats (N, *coarse, F), skip (N, *full, C) -> (N, *full, out_channels)."""
         f = gelu(self.proj(feats))
         shape = skip.shape[:-1] + (f.shape[-1],)
         # Trilinear/bilinear without antialias, the torch interpolate convention.
         f = jax.image.resize(f, shape, "linear", antialias=False)
-        h = gelu(self.fuse1(jnp.concatenate([f, skip.astype(f.dtype)], axis=-1)))
-        h = gelu(self.fuse2(h))
+        h = gelu(self._conv(self.fuse1, jnp.concatenate([f, skip.astype(f.dtype)], axis=-1)))
+        h = gelu(self._conv(self.fuse2, h))
         y = self.out(h)
         if self.residual:
             y = y + skip[..., self.residual_from : self.residual_from + self.out_channels].astype(y.dtype)
