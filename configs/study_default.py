@@ -20,7 +20,7 @@ def _load(name):
     return mod
 
 
-def get_config(pretrain_steps=60, finetune_steps=40, cases=32):
+def get_config(pretrain_steps=400, finetune_steps=150, cases=96):
     mae = _load("pretrain_mae").get_config()
     con = _load("pretrain_contrastive").get_config()
     for p in (mae, con):
