@@ -1,14 +1,16 @@
-"""``vfm-align pretrain``: pretrain a backbone with masked reconstruction or patch contrastive learning."""
+"""``vfm-align pretrain``: pretrain a backbone with masked reconstruction (MAE on the ViT, FCMAE on the
+ConvNeXt-V2) or patch contrastive learning."""
 
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a backbone (MAE or contrastive) and save a model directory",
+    p = sub.add_parser("pretrain", help="pretrain a backbone (MAE, FCMAE or contrastive) and save a model directory",
                        description="Pretrain with a recipe from configs/pretrain_*.py on its cohort (the phantom, "
                                    "generated beside the output when cohort.manifest is empty). The output loads with "
-                                   "vfm_align.load().")
-    p.add_argument("--config", required=True, help="pretraining recipe, e.g. configs/pretrain_mae.py")
+                                   "vfm_align.load() (for FCMAE: the ConvNeXt-V2 encoder, without the decoder).")
+    p.add_argument("--config", required=True,
+                   help="pretraining recipe, e.g. configs/pretrain_mae.py or configs/pretrain_fcmae.py")
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--no-progress", action="store_true")

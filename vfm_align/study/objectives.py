@@ -2,6 +2,11 @@
 
 * ``mae``: ProFound's masked reconstruction on the MAE-ViT (random masking at ``mask_ratio``,
   per-patch normalised MSE on the removed patches; the model's own loss).
+* ``fcmae``: ProFound's masked reconstruction on the ConvNeXt-V2 (family ``profound_conv``): a
+  random mask over the 16^3 patch grid drawn from the step's rng by
+  :func:`vfm_align.models.fcmae.random_mask` (each sample keeps exactly int(L * (1 - mask_ratio))
+  patches, as the reference), then the FCMAE's own loss: MSE to per-patch normalised targets
+  (mean, unbiased variance) averaged over the removed patches only. ProFound uses mask_ratio 0.6.
 * ``contrastive``: ProViCNet's patch-level pair loss on the contrastive head's outputs, with pairs
   drawn from cancer label blocks aligned with the token grid (:mod:`vfm_align.study.pairs`), plus
   an optional InfoNCE term between the same patches seen in two augmented views.
@@ -12,16 +17,43 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vfm_align.errors import ConfigError
+from vfm_align.models.fcmae import random_mask
 from vfm_align.models.task_model import volume_to_slices
 from vfm_align.study.pairs import info_nce, pair_loss, sample_pairs
 
-OBJECTIVES = ("mae", "contrastive")
+OBJECTIVES = ("mae", "contrastive", "fcmae")
+# The backbone family each objective trains (it calls that family's pretraining model).
+OBJECTIVE_FAMILIES = {"mae": "mae_vit", "contrastive": "provicnet", "fcmae": "profound_conv"}
 
 
 def mae_loss(cfg):
     def loss(model, batch, rng):
         value, _, mask = model(batch["image"], mask_ratio=float(cfg.mask_ratio), rng=rng)
         return value, {"masked_fraction": mask.mean()}
+
+    return loss
+
+
+def fcmae_grid(model, image_shape) -> tuple[int, int, int]:
+    """The FCMAE mask grid (gd, gh, gw) for an (N, D, H, W, C) input."""
+    return tuple(s // p for s, p in zip(image_shape[1:4], model.config.patch_size))
+
+
+def fcmae_loss(cfg):
+    ratio = float(cfg.mask_ratio)
+
+    def loss(model, batch, rng):
+        x = batch["image"]
+        grid = fcmae_grid(model, x.shape)
+        length = grid[0] * grid[1] * grid[2]
+        keep = int(length * (1 - ratio))
+        if not 0 < keep < length:  # static shapes: raised once, at trace time
+            raise ConfigError(f"FCMAE mask_ratio {ratio} keeps {keep} of the {length} patches of grid {grid}; "
+                              "at least one must be kept and one removed")
+        mask = random_mask(rng, x.shape[0], grid, ratio)
+        value, _, flat = model(x, mask)
+        return value, {"masked_fraction": flat.mean()}
 
     return loss
 
@@ -69,6 +101,6 @@ def make_objective(name: str, cfg):
         return mae_loss(cfg)
     if name == "contrastive":
         return contrastive_loss(cfg)
-    from vfm_align.errors import ConfigError
-
+    if name == "fcmae":
+        return fcmae_loss(cfg)
     raise ConfigError(f"unknown pretraining objective '{name}'; known: {list(OBJECTIVES)}")

@@ -2,7 +2,8 @@
 
 The step is the engine's functional form (``vfm_align.train.state`` split, jit with explicit
 shardings and donation, per-step rng ``fold_in(seed, step)``); only the loss differs from
-fine-tuning. The result is a model directory that :func:`vfm_align.load` restores.
+fine-tuning. The result is a model directory that :func:`vfm_align.load` restores: the backbone of
+the family (for ``profound_conv`` the FCMAE is trained and only its ConvNeXt-V2 encoder is saved).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vfm_align.errors import ConfigError
 from vfm_align.model_io import read_sidecar, save_model
-from vfm_align.study.backbones import ARCHS, backbone_config, fresh_backbone
-from vfm_align.study.objectives import make_objective
+from vfm_align.study.backbones import ARCHS, PRETRAIN_ARCHS, backbone_config, pretraining_model, saved_backbone
+from vfm_align.study.objectives import OBJECTIVE_FAMILIES, make_objective
 from vfm_align.train.mesh import global_batch, make_mesh
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.state import create_state
@@ -56,11 +58,24 @@ def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool =
     """
     if os.path.isdir(out_dir):
         return read_sidecar(out_dir).get("pretraining", {})
+    model, config, info = run_pretraining(cfg, data, progress=progress)
+    save_pretrained(cfg.backbone, model, config, out_dir, info)
+    return info
+
+
+def run_pretraining(cfg, data: dict[str, np.ndarray], *, progress: bool = True):
+    """The training part of :func:`pretrain`: (trained pretraining model in eval mode, its config, info dict).
+
+    The model is what the objective trains (for ``profound_conv`` the whole FCMAE, decoder included).
+    """
     family = cfg.backbone
+    if OBJECTIVE_FAMILIES.get(cfg.objective, family) != family:
+        raise ConfigError(f"objective '{cfg.objective}' trains a '{OBJECTIVE_FAMILIES[cfg.objective]}' backbone, "
+                          f"not '{family}'")
     config = backbone_config(family, cfg.model, tuple(data["image"].shape[1:4]))
     mesh = study_mesh(cfg.mesh)
     steps = int(cfg.steps)
-    gdef, _, state, sh, tx = create_state(lambda: fresh_backbone(family, config, int(cfg.seed)),
+    gdef, _, state, sh, tx = create_state(lambda: pretraining_model(family, config, int(cfg.seed)),
                                           lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
     from vfm_align.train.mesh import batch_sharding
 
@@ -81,7 +96,12 @@ def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool =
             bar.set_postfix(loss=f"{m['loss']:.4f}")
     model = nnx.merge(gdef, state["params"], state["rest"])
     model.eval()
-    extra = {"pretraining": {"objective": cfg.objective, "steps": steps, "curve": curve,
-                             "config": cfg.to_dict()}}
-    save_model(model, ARCHS[family], config, out_dir, extra=extra)
-    return extra["pretraining"]
+    info = {"objective": cfg.objective, "steps": steps, "curve": curve,
+            "trained_arch": PRETRAIN_ARCHS.get(family, ARCHS[family]), "config": cfg.to_dict()}
+    return model, config, info
+
+
+def save_pretrained(family: str, model: nnx.Module, config, out_dir: str, info: dict) -> str:
+    """Save the family's backbone part of a trained pretraining model (arch ``ARCHS[family]``) to ``out_dir``."""
+    backbone, backbone_cfg = saved_backbone(family, model, config)
+    return save_model(backbone, ARCHS[family], backbone_cfg, out_dir, extra={"pretraining": info})
