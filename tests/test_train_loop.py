@@ -3,21 +3,24 @@ and every task learning on small synthetic data."""
 
 import json
 import math
-import os
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 
 from train_toy import make_data
+from vfm_align.cli.finetune import load_config
 from vfm_align.train.checkpoint import RunCheckpoints
 from vfm_align.train.loop import TrainingDiverged, batch_indices, fit
-from vfm_align.train.metrics import evaluate
 from vfm_align.train.recipes import base_config
 
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
-def _cfg(backbone, task, workdir, **train):
-    cfg = base_config(backbone, task, "tiny")
+
+def _cfg(backbone, task, workdir, *, recipe=False, **train):
+    """base_config's tiny variant, or (recipe=True) the tiny variant of configs/<backbone>_<task>.py."""
+    cfg = load_config(f"{CONFIGS / f'{backbone}_{task}.py'}:tiny", []) if recipe else base_config(backbone, task, "tiny")
     cfg.run.workdir = str(workdir)
     cfg.mesh.data, cfg.mesh.fsdp = 1, 1
     cfg.align.every = 0
@@ -73,25 +76,25 @@ LEARN = [
     ("provicnet", "classification"),
     ("provicnet", "segmentation"),
     ("profound_conv", "detection"),
-    # Known gap: in 30 steps the residual decoder stays at the identity (loss flat, val PSNR equal to
-    # the degraded input's); strict, so this turns into a failure as soon as they start to learn.
-    # Opt-in (VFM_ALIGN_SLOW=1): they cost CI minutes while they are known not to pass.
-    pytest.param("profound_conv", "super_resolution",
-                 marks=[pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="opt-in: VFM_ALIGN_SLOW=1"),
-                        pytest.mark.xfail(strict=True, reason="restoration does not yet learn within 30 CPU steps")]),
-    pytest.param("profound_conv", "distortion_correction",
-                 marks=[pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="opt-in: VFM_ALIGN_SLOW=1"),
-                        pytest.mark.xfail(strict=True, reason="restoration does not yet learn within 30 CPU steps")]),
+    ("profound_conv", "super_resolution"),
+    ("profound_conv", "distortion_correction"),
 ]
+
+
+def _psnr(pred, target):
+    """PSNR over the whole validation set, peak = the target's range (train.metrics' definition)."""
+    target = np.asarray(target, np.float64)
+    return 10 * np.log10(np.ptp(target) ** 2 / np.mean((np.asarray(pred, np.float64) - target) ** 2))
 
 
 @pytest.mark.parametrize("backbone,task", LEARN)
 def test_task_learns(tmp_path, backbone, task):
     data = make_data(task, n_train=32, n_val=16, seed=11)
-    cfg = _cfg(backbone, task, tmp_path, steps=30, batch_size=8, eval_every=30, ckpt_every=30, log_every=10)
     restore = task in ("super_resolution", "distortion_correction")
-    if restore:  # the residual decoder starts at the identity; it only has to learn the correction
-        cfg.optim.lr = 3e-3
+    # Restoration runs its recipe file (the tiny lr of its head lives there). The others keep
+    # base_config: with the ProViCNet recipes' 0.05x backbone lr, 30 steps do not reach these bars.
+    cfg = _cfg(backbone, task, tmp_path, recipe=restore, steps=30, batch_size=8, eval_every=30, ckpt_every=30,
+               log_every=10)
     out = fit(cfg, data, progress=False)
     losses = [out["losses"][s] for s in sorted(out["losses"])]
     assert all(math.isfinite(v) for v in losses)
@@ -102,7 +105,9 @@ def test_task_learns(tmp_path, backbone, task):
         assert val["accuracy"] >= 0.85  # chance is 0.5
     elif task in ("segmentation", "detection"):
         assert val["dice"] >= 0.6  # the blob is ~10% of the voxels; empty or all-on predictions score <= 0.2
-    else:  # better than handing the degraded input back
+    else:  # clearly better than handing the degraded input back (the head's starting point)
         c0 = 0 if task == "super_resolution" else 1  # the degraded channels the target restores
-        ident = evaluate("restore", data["val"]["image"][..., c0 : c0 + data["val"]["target"].shape[-1]], data["val"]["target"])
-        assert val["psnr"] > ident["psnr"] + 0.5, (val, ident)
+        target = data["val"]["target"]
+        ident = _psnr(data["val"]["image"][..., c0 : c0 + target.shape[-1]], target)
+        # 1 dB = the validation MSE down by a fifth.
+        assert val["psnr"] > ident + 1.0, (val, ident)

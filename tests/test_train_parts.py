@@ -1,4 +1,5 @@
-"""Losses, optimizer grouping, gradient accumulation, 2.5D slicing and recipe overrides (fast unit checks)."""
+"""Losses, optimizer grouping, gradient accumulation, 2.5D slicing, recipe overrides and the restoration
+head's identity start (fast unit checks)."""
 
 import pathlib
 
@@ -132,6 +133,32 @@ def test_slices_shift_inward_at_the_edges():
     np.testing.assert_array_equal(np.asarray(pos[5]), [1.0, 4.0])
     with pytest.raises(ConfigError, match="fewer than the 2.5D window"):
         window_index(2, 3)
+
+
+class _PoolBackbone:
+    """A stand-in backbone (4x average pooling): the residual wiring needs a feature map, not a real encoder."""
+
+    def features(self, x, pos=None):
+        n, a, b, c = x.shape[0], x.shape[1] // 4, x.shape[2] // 4, x.shape[-1]
+        if pos is not None:  # 2.5D slices (N*D, S, S, window)
+            return {"pooled": x.mean((1, 2)), "patch": x.reshape(n, a, 4, b, 4, c).mean((2, 4))}
+        return {"pooled": x.mean((1, 2, 3)), "stage0": x.reshape(n, a, 4, b, 4, x.shape[3] // 4, 4, c).mean((2, 4, 6))}
+
+
+@pytest.mark.parametrize("family,task,channels", [("volume", "super_resolution", [0]),
+                                                   ("volume", "distortion_correction", [1, 2]),
+                                                   ("slices", "super_resolution", [0])])
+def test_untrained_restoration_model_returns_the_degraded_input(family, task, channels):
+    """Both parts of the residual head start at zero: training starts exactly at the identity baseline."""
+    from flax import nnx
+
+    from vfm_align.models.task_model import TaskModel
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 16, 16, 3)).astype(np.float32)
+    model = TaskModel(_PoolBackbone(), task=task, family=family, input_shape=x.shape[1:], num_outputs=len(channels),
+                      head_hidden=8, rngs=nnx.Rngs(0))
+    out = nnx.jit(lambda m, v: m(v)[0])(model, jnp.asarray(x))  # jitted: op-by-op dispatch is slower
+    np.testing.assert_array_equal(np.asarray(out), x[..., channels])
 
 
 def test_recipe_overrides_are_typed_and_checked(tmp_path):

@@ -1,9 +1,10 @@
 """A light dense decoder: backbone feature map + full-resolution input skip -> per-voxel output.
 
 Restoration tasks (super-resolution, distortion correction) use it with ``residual=True``: it
-predicts a correction added to the input, and the last conv starts near zero so training
-begins close to the identity map. With ``residual=False`` it serves as a light dense head (logits) where a
-heavier decoder (UperNet) is not wanted. Works for volumes (ndim=3) and slices (ndim=2).
+predicts a correction added to the degraded input channels, as a deep path plus a linear filter of
+the input, both starting at zero, so an untrained head is exactly the identity map. With
+``residual=False`` it serves as a light dense head (logits) where a heavier decoder (UperNet) is not
+wanted. Works for volumes (ndim=3) and slices (ndim=2).
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ class RestorationDecoder(nnx.Module):
         self.proj = nnx.Conv(feat_dim, hidden, k1, rngs=rngs)
         self.fuse1 = nnx.Conv(hidden + in_channels, hidden, k3, padding=1, rngs=rngs)
         self.fuse2 = nnx.Conv(hidden, hidden, k3, padding=1, rngs=rngs)
-        # Residual: a near-zero (not zero) last conv, so training starts at the identity map but the
-        # earlier layers get gradients from the first step.
-        init = (nnx.initializers.variance_scaling(1e-4, "fan_in", "normal") if residual
-                else nnx.initializers.lecun_normal())
+        # Residual: the last conv starts at zero, so an untrained head returns the degraded input exactly.
+        init = nnx.initializers.zeros_init() if residual else nnx.initializers.lecun_normal()
         self.out = nnx.Conv(hidden, out_channels, k1, kernel_init=init, rngs=rngs)
+        # Residual: beside the deep path, a zero-initialised linear filter of the input. Much of a
+        # restoration is a local linear filter of the degraded channels (through-plane interpolation,
+        # a shift along H): fitted directly it is a convex problem, while the deep path has to grow it
+        # behind its zero last conv (tests/test_train_loop.py's checks, 30 steps, MSE, lr 3e-3: +0.6 -> +1.6 dB
+        # for super-resolution, +1.8 -> +3.2 dB for distortion correction).
+        self.linear = (nnx.Conv(in_channels, out_channels, k3, padding=1, kernel_init=nnx.initializers.zeros_init(),
+                                rngs=rngs) if residual else None)
 
     @staticmethod
     def _conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
@@ -54,5 +60,6 @@ class RestorationDecoder(nnx.Module):
         h = gelu(self._conv(self.fuse2, h))
         y = self.out(h)
         if self.residual:
+            y = y + self._conv(self.linear, skip.astype(y.dtype))
             y = y + skip[..., self.residual_from : self.residual_from + self.out_channels].astype(y.dtype)
         return y
