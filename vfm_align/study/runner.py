@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 from rich.console import Console
 
 from vfm_align import model_io
+from vfm_align.atomic import write_json
 from vfm_align.errors import ConfigError
 from vfm_align.study import taskdata
 from vfm_align.models.registry import config_from_dict
@@ -26,14 +26,6 @@ from vfm_align.study.pretrain import pretrain, study_mesh
 from vfm_align.study.stats import correlate
 
 INITS = ("pretrained", "random")
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def prepare_cohort(cfg, out_dir: str) -> dict:
@@ -105,7 +97,7 @@ def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
                          seed=int(cfg.seed))
             tests[s] = {"statistic": float(r.statistic), "p_value": float(r.p_value),
                         "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0])}
-        _write_json(path, {"backbone": b.name, "family": family, "task": t, "init": init, "tests": tests, **res})
+        write_json(path, {"backbone": b.name, "family": family, "task": t, "init": init, "tests": tests, **res})
         console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: {res['metric_name']} {res['final_metric']:.4f}")
     results = summarise(cfg, out_dir)
     from vfm_align.study.report import write_report
@@ -153,7 +145,7 @@ def summarise(cfg, out_dir: str) -> dict:
     results = {"primary_site": site, "pairs": pairs, "correlations": corr,
                "runs": {run_key(*k): v for k, v in runs.items()},
                "finding": finding(pairs, corr, site)}
-    _write_json(os.path.join(out_dir, "results.json"), results)
+    write_json(os.path.join(out_dir, "results.json"), results)
     import csv
 
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:

@@ -18,8 +18,7 @@ from vfm_align.data.cohort import read_manifest
 from vfm_align.data.tasks import TASKS, get_task
 from vfm_align.errors import DataError
 from vfm_align.models.task_model import task_kind
-
-LOSS_FOR_KIND = {"label": "ce", "dense": "dice_ce", "restore": "l1"}
+from vfm_align.train.losses import DEFAULT_LOSS
 
 __all__ = ["TASKS", "TaskSpec", "get_spec", "load_cohort", "make_task_data", "evaluate"]
 
@@ -40,7 +39,7 @@ def task_options(task: str, seed: int) -> dict:
 def get_spec(task: str, seed: int = 0) -> TaskSpec:
     t = get_task(task, **task_options(task, seed))
     kind = task_kind(task)
-    return TaskSpec(task, kind, LOSS_FOR_KIND[kind], t.num_outputs, t.primary)
+    return TaskSpec(task, kind, DEFAULT_LOSS[kind], t.num_outputs, t.primary)
 
 
 def _center_crop(a: np.ndarray, hw) -> np.ndarray:

@@ -32,13 +32,8 @@ from vfm_align.train.data import ArrayBatches, ArrayValidation, batch_indices  #
 from vfm_align.train.monitor import AlignmentMonitor
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.state import create_state
+from vfm_align.train.losses import DEFAULT_LOSS  # noqa: F401 (re-exported)
 from vfm_align.train.step import jit_train_step, make_eval_step, make_feature_step, make_train_step, task_loss
-
-# Restoration: MSE (ProFound's regression loss), whose minimiser is the conditional mean that PSNR
-# rewards. L1's is the conditional median, which stays at the identity when the needed correction is
-# ~0 on most voxels and large only at edges (as for thick slices). tests/test_train_loop.py's
-# super-resolution check, 30 steps at lr 3e-3: L1 +0.3 dB over the degraded input, MSE +1.6 dB.
-DEFAULT_LOSS = {"label": "ce", "dense": "dice_ce", "restore": "l2"}
 
 
 class TrainingDiverged(VfmAlignError):
