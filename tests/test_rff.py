@@ -93,10 +93,11 @@ def test_streaming_from_memmap_equals_in_memory(tmp_path, shifted):
     assert abs(got - mmd(x, y, sigma=3.0, method="rff", num_features=512, seed=1)) < 1e-7
 
 
-def test_streaming_reports_nan_row(tmp_path, shifted):
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_streaming_reports_non_finite_row(tmp_path, shifted, value):
     x, y = shifted
     bad = x.copy()
-    bad[301, 2] = np.nan
+    bad[301, 2] = value
     np.save(tmp_path / "bad.npy", bad)
     with pytest.raises(DataError, match="row 301"):
         mmd(np.load(tmp_path / "bad.npy", mmap_mode="r"), y, sigma=1.0, method="rff", chunk_rows=256)

@@ -28,20 +28,42 @@ _TWO_PI_HI = np.float32(6.28125)
 _TWO_PI_LO = np.float32(2 * np.pi - 6.28125)
 
 
-def sincos(th: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of ``th`` in one pass: ~3x cheaper on CPU than jnp.cos + jnp.sin, max abs error ~5e-7.
+def _fit_half_angle_polys(num_terms: int = 5) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Odd (sin) and even (cos) polynomial coefficients on |h| <= pi/2, least squares on Chebyshev nodes.
 
-    Reduce to r in [-pi, pi], evaluate sin and cos of h = r/2 by Taylor polynomials (|h| <= pi/2),
+    Near-minimax: 5 terms each give |error| < 1e-7 in float64 after the double-angle step, as good as
+    the float32 argument reduction, with 4 fewer multiply-adds per angle than 7-term Taylor series.
+    """
+    h = np.cos(np.pi * (np.arange(2000) + 0.5) / 2000) * (np.pi / 2)
+    odd = np.stack([h ** (2 * i + 1) for i in range(num_terms)], 1)
+    even = np.stack([h ** (2 * i) for i in range(num_terms)], 1)
+    cs = np.linalg.lstsq(odd, np.sin(h), rcond=None)[0]
+    cc = np.linalg.lstsq(even, np.cos(h), rcond=None)[0]
+    return tuple(float(c) for c in cs), tuple(float(c) for c in cc)
+
+
+_SIN_COEFS, _COS_COEFS = _fit_half_angle_polys()
+
+
+def _horner(h2: jax.Array, coefs: tuple[float, ...]) -> jax.Array:
+    acc = jnp.full_like(h2, coefs[-1])
+    for c in coefs[-2::-1]:
+        acc = acc * h2 + np.float32(c)
+    return acc
+
+
+def sincos(th: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of ``th`` in one pass: ~3x cheaper on CPU than jnp.cos + jnp.sin, max abs error < 1e-6.
+
+    Reduce to r in [-pi, pi], evaluate sin and cos of h = r/2 by fitted polynomials (|h| <= pi/2),
     then cos r = 1 - 2 sin^2 h and sin r = 2 sin h cos h. Only multiply-adds, so XLA fuses it into
     the reduction that consumes it. Accurate for the |angles| < ~1e3 that random features produce.
     """
     k = jnp.round(th * np.float32(1.0 / (2.0 * np.pi)))
     h = ((th - k * _TWO_PI_HI) - k * _TWO_PI_LO) * 0.5
     h2 = h * h
-    s = h * (1 + h2 * (-1 / 6 + h2 * (1 / 120 + h2 * (-1 / 5040 + h2 * (1 / 362880 + h2 * (-1 / 39916800
-                                                                                        + h2 * (1 / 6227020800)))))))
-    c = 1 + h2 * (-1 / 2 + h2 * (1 / 24 + h2 * (-1 / 720 + h2 * (1 / 40320 + h2 * (-1 / 3628800
-                                                                                + h2 * (1 / 479001600))))))
+    s = h * _horner(h2, _SIN_COEFS)
+    c = _horner(h2, _COS_COEFS)
     return 1 - 2 * s * s, 2 * s * c
 
 
@@ -84,25 +106,27 @@ def features(x: jax.Array, freqs: jax.Array, *, num_bandwidths: int = 1) -> jax.
     return jnp.concatenate(sincos(th), axis=-1) * scale
 
 
-def _local_sums(x, w, freqs):
-    """Unscaled [sum cos, sum sin] over rows weighted by w (0 for padding); float32; and all-finite flag."""
+def _local_sums(x, freqs):
+    """Unscaled [sum cos, sum sin] over the rows of x, float32, and an all-finite flag.
+
+    Padding rows are zeros, whose angles are exactly 0: each adds exactly 1 to every cos sum and 0
+    to the sin sums, so the caller subtracts the padding count instead of weighting every row.
+    A non-finite input value makes every column sum NaN (its angles are inf or NaN for any
+    non-zero frequency), so finiteness is read off the sums without another pass over x.
+    """
     rows, d = x.shape
     sub = min(SUB_ROWS, rows)
     xs = x.reshape(rows // sub, sub, d)
-    ws = w.reshape(rows // sub, sub)
 
-    def step(acc, args):
-        xb, wb = args
+    def step(acc, xb):
         th = jnp.dot(xb, freqs, precision=jax.lax.Precision.HIGHEST)
         c, s = sincos(th)
-        # Weighted column sums as fused elementwise+reduce: the (sub, F) blocks never reach memory.
-        wb = wb[:, None]
-        return acc + jnp.concatenate([jnp.sum(c * wb, axis=0), jnp.sum(s * wb, axis=0)]), None
+        # Column sums as fused elementwise+reduce: the (sub, F) blocks never reach memory.
+        return acc + jnp.concatenate([jnp.sum(c, axis=0), jnp.sum(s, axis=0)]), None
 
     acc0 = jnp.zeros((2 * freqs.shape[1],), jnp.float32)
-    acc, _ = jax.lax.scan(step, acc0, (xs, ws))
-    finite = jnp.all(jnp.isfinite(x))
-    return acc, finite
+    acc, _ = jax.lax.scan(step, acc0, xs)
+    return acc, jnp.all(jnp.isfinite(acc))
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,13 +135,13 @@ def _sums_fn(mesh):
         return jax.jit(_local_sums)
     axes = tuple(mesh.axis_names)
 
-    def sharded(x, w, freqs):
-        acc, finite = _local_sums(x, w, freqs)
+    def sharded(x, freqs):
+        acc, finite = _local_sums(x, freqs)
         acc = jax.lax.psum(acc, axes)
         finite = jax.lax.psum(finite.astype(jnp.int32), axes) == jax.lax.psum(1, axes)
         return acc, finite
 
-    return jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P(axes, None), P(axes), P()),
+    return jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P(axes, None), P()),
                                  out_specs=(P(), P()), check_vma=False))
 
 
@@ -139,11 +163,11 @@ def feature_sums(x, freqs, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None, n
     num_chunks = max(1, -(-n // max(chunk_rows, 1)))
     step = _round_up(-(-n // num_chunks), SUB_ROWS * ndev)
     if mesh is None:
-        put_x = put_w = put_f = jax.device_put
+        put_x = put_f = jax.device_put
     else:
         axes = tuple(mesh.axis_names)
-        sx, sw, sf = (NamedSharding(mesh, spec) for spec in (P(axes, None), P(axes), P()))
-        put_x, put_w, put_f = (lambda a, s=s: jax.device_put(a, s) for s in (sx, sw, sf))
+        sx, sf = (NamedSharding(mesh, spec) for spec in (P(axes, None), P()))
+        put_x, put_f = (lambda a, s=s: jax.device_put(a, s) for s in (sx, sf))
     fn = _sums_fn(mesh)
     f = put_f(jnp.asarray(freqs, jnp.float32))
     acc = np.zeros(2 * freqs.shape[1], np.float64)
@@ -156,13 +180,13 @@ def feature_sums(x, freqs, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, mesh=None, n
         else:
             if rows < step:
                 blk = np.concatenate([blk, np.zeros((step - rows, blk.shape[1]), np.float32)])
-        w = np.zeros(step, np.float32)
-        w[:rows] = 1.0
-        out = fn(put_x(blk), put_w(w), f)
+        out = fn(put_x(blk), f)
         if pending is not None:
             acc += _collect(pending, x, step, name)
         pending = (out, start)
     acc += _collect(pending, x, step, name)
+    padded = -(-n // step) * step - n
+    acc[: freqs.shape[1]] -= padded  # the zero padding rows' cos = 1 (see _local_sums)
     return acc
 
 
