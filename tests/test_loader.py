@@ -129,6 +129,36 @@ def test_inplane_affine_matches_the_3d_transform():
     np.testing.assert_array_equal(out["gland"], ndimage.affine_transform(g, mat, c - mat @ c, order=0, mode="constant"))
 
 
+def test_inplane_affine_of_a_flip_equals_flip_then_affine():
+    rng = np.random.default_rng(2)
+    img = rng.normal(size=(3, 11, 13, 2)).astype(np.float32)
+    g = rng.integers(0, 3, size=(3, 11, 13)).astype(np.uint8)
+    flipped = {"image": np.ascontiguousarray(img[:, :, ::-1]), "gland": np.ascontiguousarray(g[:, :, ::-1]),
+               "lesion": np.ascontiguousarray(g[:, :, ::-1])}
+    want = _inplane_affine(flipped, -0.15, 0.93)
+    got = _inplane_affine({"image": img, "gland": g, "lesion": g}, -0.15, 0.93, flip=True)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["gland"], want["gland"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shape", [(6, 8, 9), (6, 5, 6)])  # most of the slice (sparse matrix) / a small crop (gathers)
+def test_augment_with_crop_equals_augment_then_crop(seed, shape):
+    """Resampling only the crop's voxels gives exactly the crop of the augmented volume (D is padded)."""
+    rng = np.random.default_rng(10 + seed)
+    img = rng.normal(size=(5, 14, 12, 3)).astype(np.float32)
+    g = rng.integers(0, 3, size=(5, 14, 12)).astype(np.uint8)
+    s = {"image": img, "gland": g, "lesion": (g == 2).astype(np.uint8), "case_id": "x"}
+    cfg = AugmentConfig(flip_p=0.5, rotate_p=0.7, zoom_p=0.7, noise_p=0.0)
+    got = augment(s, np.random.default_rng(seed), cfg, shape=shape)
+    ref = np.random.default_rng(seed)
+    full = augment(s, ref, cfg)  # same draws, then the crop's draws from the same stream
+    want = crop_or_pad(full, shape, ref)
+    for k in ("image", "gland", "lesion"):
+        assert got[k].shape[:3] == shape
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+
+
 def test_crop_or_pad():
     s = {"image": np.ones((4, 6, 6, 3), np.float32), "gland": np.ones((4, 6, 6), np.uint8),
          "lesion": np.zeros((4, 6, 6), np.uint8)}

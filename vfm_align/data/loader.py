@@ -90,9 +90,9 @@ class Loader:
         self.workers = int(workers)
 
     def _prepare(self, sample: dict, rng: np.random.Generator) -> dict:
-        if self.augment_cfg is not None:
-            sample = augment(sample, rng, self.augment_cfg)
-        if self.shape is not None:
+        if self.augment_cfg is not None:  # augments only the voxels of the random crop
+            sample = augment(sample, rng, self.augment_cfg, shape=self.shape)
+        elif self.shape is not None:
             sample = crop_or_pad(sample, self.shape, rng if self.train else None)
         x, y = self.task.make(sample)
         return {"image": x, "target": y, "gland": np.asarray(sample["gland"], np.int32),
