@@ -161,3 +161,46 @@ def test_score_command_on_models_and_cohort(tmp_path):
     meta["config"]["depth"] = 2
     (deeper / SIDECAR).write_text(json.dumps(meta))
     assert main(["score", "--before", before, "--after", str(deeper), "--data", manifest]) == 1
+
+
+def test_score_command_on_provicnet_slices(tmp_path):
+    """ProViCNet checkpoints are scored on 2.5D slices of each volume: one bank row per patch token
+    of every slice, in the order the model itself produces them for that case."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import vfm_align
+    from vfm_align.cli import main
+    from vfm_align.data.cache import PreprocessCache
+    from vfm_align.data.cohort import read_manifest
+    from vfm_align.data.phantom import make_phantom
+    from vfm_align.model_io import save_model
+    from vfm_align.models.provicnet import ProViCNetConfig
+    from vfm_align.models.registry import build_model
+    from vfm_align.models.task_model import volume_to_slices
+
+    cfg = ProViCNetConfig(img_size=28, embed_dim=24, depth=1, num_heads=2, mlp_hidden=48, num_registers=4,
+                          pos_src_grid=3, head_channels=(8, 4), num_classes=4, cl_out=0)
+    model = build_model("provicnet", cfg, rngs=nnx.Rngs(0))
+    before = save_model(model, "provicnet", cfg, tmp_path / "before")
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))
+    nnx.update(model, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params))
+    after = save_model(model, "provicnet", cfg, tmp_path / "after")
+    manifest = make_phantom(tmp_path / "cohort", cases=2, shape=(16, 32, 32), seed=0, workers=1, progress=False)
+    out = tmp_path / "score"
+    rc = main(["score", "--before", before, "--after", after, "--data", manifest, "--features", "patch",
+               "--permutations", "19", "--num-features", "256", "--out", str(out), "--quiet"])
+    assert rc == 0
+    r = json.loads((out / "score.json").read_text())
+    assert (r["n_before"], r["d"]) == (2 * 16 * 4, 24)  # 2 cases x 16 slices x 2x2 patch tokens
+    # The first case's rows: the before-model's tokens of that volume's T2w slices, computed here directly.
+    cohort = read_manifest(manifest)
+    cache = PreprocessCache(os.path.join(os.path.dirname(manifest), ".vfm_align_cache"))
+    vol = jnp.asarray(cache.get(cohort.cases[0])["image"], jnp.float32)[None]
+    s, pos = volume_to_slices(vol, 0, 3, 28)
+    want = np.asarray(vfm_align.load(before).patch_tokens(s, pos)).reshape(-1, 24)
+    xb, xa = open_bank(out / "before_patch.npy"), open_bank(out / "after_patch.npy")
+    np.testing.assert_allclose(np.asarray(xb.data[: len(want)]), want, atol=1e-5)
+    assert abs(r["cka"] - linear_cka(xb.data, xa.data)) < 1e-9 and 0.3 < r["cka"] < 1.0

@@ -172,7 +172,18 @@ def finding(pairs, corr, site) -> str:
         return f"{d['r']:+.2f} (95% CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f}, p = {d['p_value']:.3f})"
 
     r = g.get("r", np.nan)
-    direction = ("lower MMD\u00b2 (better alignment) went with larger gains" if np.isfinite(r) and r < 0 else
-                 "lower MMD\u00b2 did not go with larger gains")
+    # Only a 95 % interval that excludes 0 makes a direction a finding; otherwise say it is not shown.
+    clear = np.isfinite(r) and (g["ci_low"] > 0 or g["ci_high"] < 0)
+    if not np.isfinite(r):
+        direction = "the relation of MMD\u00b2 to gain is undefined"
+    elif r < 0 and clear:
+        direction = "lower MMD\u00b2 (better alignment) went with larger gains"
+    elif r < 0:
+        direction = ("lower MMD\u00b2 went with larger gains only as a tendency that the data do not establish "
+                     "(the interval includes 0)")
+    elif clear:
+        direction = "lower MMD\u00b2 went with smaller gains, the opposite of the paper's claim"
+    else:
+        direction = "lower MMD\u00b2 did not go with larger gains"
     return (f"Across {len(pairs)} (backbone, task) pairs, {direction}: Spearman of {site} MMD\u00b2 with relative "
             f"gain {fmt(g)}, and with steps to 90% of the final metric {fmt(c)}.")
