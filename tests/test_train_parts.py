@@ -199,3 +199,38 @@ def test_alignment_monitor_scores_against_the_bank():
     ac, bc = a - a.mean(0), b - b.mean(0)
     ref = np.linalg.norm(bc.T @ ac) ** 2 / (np.linalg.norm(ac.T @ ac) * np.linalg.norm(bc.T @ bc))
     assert float(linear_cka(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))) == pytest.approx(ref, rel=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_step():
+    """train.compute_dtype=bfloat16: the forward/backward run in bf16 on float32 master weights, so the
+    loss and the update agree with the float32 step to bf16 precision and the weights stay float32."""
+    from train_toy import make_task
+    from vfm_align.train import mesh as M
+    from vfm_align.train.loop import DEFAULT_LOSS, build_task_model
+    from vfm_align.train.optim import make_optimizer
+    from vfm_align.train.recipes import base_config
+    from vfm_align.train.state import create_state
+    from vfm_align.train.step import jit_train_step, make_train_step, task_loss
+
+    cfg = base_config("provicnet", "segmentation", "tiny")
+    cfg.optim.warmup_steps = 0
+    data = make_task("segmentation", 4, seed=2)
+    mesh = M.make_mesh(1, 1, devices=jax.devices()[:1])
+    gdef, _, state, sh, tx = create_state(lambda: build_task_model(cfg, data["image"].shape[1:]),
+                                          lambda p: make_optimizer(cfg.optim, p, 10)[0], mesh)
+    init = jax.device_get(state)
+    batch = M.global_batch(data, mesh)
+    out = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        step = jit_train_step(make_train_step(gdef, task_loss("dense", DEFAULT_LOSS["dense"]), tx, kind="dense",
+                                              seed=0, augment=False, compute_dtype=dt), sh, mesh)
+        new, m = step(jax.device_put(init, sh), batch)
+        out[dt] = (float(m["loss"]), jax.device_get(new["params"]))
+    (l32, p32), (l16, p16) = out[jnp.float32], out[jnp.bfloat16]
+    assert abs(l16 - l32) < 2e-2 * abs(l32)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p16))
+    d32 = np.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(p32), jax.tree.leaves(init["params"]))])
+    d16 = np.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(init["params"]))])
+    assert np.linalg.norm(d32) > 0
+    cos = d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32))
+    assert cos > 0.9, cos
