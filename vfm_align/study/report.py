@@ -14,15 +14,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 MARKERS = "osD^v<>"
 
 
+SHORT = {"classification": "classif.", "segmentation": "segm.", "detection": "detect.",
+         "super_resolution": "super-res.", "distortion_correction": "distortion"}
+
+
+def _label_points(ax, pairs, xkey, ykey):
+    """Task names beside the points, stepped down where two labels would overlap."""
+    xs = [p[xkey] for p in pairs]
+    ys = [p[ykey] for p in pairs]
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    placed = []
+    for p in sorted(pairs, key=lambda q: (-q[ykey], q[xkey])):
+        u, v = (p[xkey] - min(xs)) / span_x, (p[ykey] - min(ys)) / span_y
+        dy = 3
+        while any(abs(u - a) < 0.22 and abs(v + dy / 250 - b) < 0.045 for a, b in placed):
+            dy -= 9
+        placed.append((u, v + dy / 250))
+        ax.annotate(SHORT.get(p["task"], p["task"]), (p[xkey], p[ykey]), fontsize=7, xytext=(4, dy),
+                    textcoords="offset points")
+
+
 def _scatter(pairs, xkey, ykey, xlabel, ylabel, title, path):
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     backbones = sorted({p["backbone"] for p in pairs})
     for i, b in enumerate(backbones):
         sel = [p for p in pairs if p["backbone"] == b]
         ax.scatter([p[xkey] for p in sel], [p[ykey] for p in sel], marker=MARKERS[i % len(MARKERS)], s=50, label=b)
-        for p in sel:
-            ax.annotate(p["task"].replace("_", " "), (p[xkey], p[ykey]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+    _label_points(ax, pairs, xkey, ykey)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
