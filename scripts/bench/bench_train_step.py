@@ -70,7 +70,7 @@ def bench(backbone, task, variant, reps):
     mon.bank(state)
     mon(state)  # compile
     at = []
-    for _ in range(3):
+    for _ in range(reps):
         t = time.perf_counter()
         mon(state)
         at.append(time.perf_counter() - t)

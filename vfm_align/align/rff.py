@@ -199,17 +199,37 @@ def _collect(pending, x, step, name):
     return np.asarray(s, np.float64)
 
 
+def _combine(xx, yy, xy, n: int, m: int, k0: int, estimator: str):
+    """MMD^2 from the (1/F-scaled) inner products of the feature sums; numpy or jax scalars."""
+    if estimator == "unbiased":
+        return (xx - n * k0) / (n * (n - 1)) + (yy - m * k0) / (m * (m - 1)) - 2.0 * xy / (n * m)
+    if estimator == "biased":
+        return xx / n**2 + yy / m**2 - 2.0 * xy / (n * m)
+    raise ConfigError(f"estimator '{estimator}' is not available with random features (use 'unbiased' or 'biased')")
+
+
 def mmd2_from_sums(sx, sy, n: int, m: int, *, k0: int, estimator: str = "unbiased", num_features: int | None = None) -> float:
     """MMD^2 from unscaled feature sums. k0 = number of bandwidths; F = frequencies per bandwidth."""
     sx = np.asarray(sx, np.float64)
     sy = np.asarray(sy, np.float64)
     f = num_features if num_features is not None else sx.shape[-1] // (2 * k0)
-    xx, yy, xy = sx @ sx / f, sy @ sy / f, sx @ sy / f
-    if estimator == "unbiased":
-        return float((xx - n * k0) / (n * (n - 1)) + (yy - m * k0) / (m * (m - 1)) - 2.0 * xy / (n * m))
-    if estimator == "biased":
-        return float(xx / n**2 + yy / m**2 - 2.0 * xy / (n * m))
-    raise ConfigError(f"estimator '{estimator}' is not available with random features (use 'unbiased' or 'biased')")
+    return float(_combine(sx @ sx / f, sy @ sy / f, sx @ sy / f, n, m, k0, estimator))
+
+
+def rff_sums(x: jax.Array, freqs: jax.Array) -> jax.Array:
+    """Jittable column sums [sum cos(xW), sum sin(xW)] over the rows of an in-memory ``x`` (float32)."""
+    c, s = sincos(jnp.dot(x, freqs, precision=jax.lax.Precision.HIGHEST))
+    # A ones-vector product, not jnp.sum(axis=0): XLA:CPU turns two such column reductions in one
+    # jit into a slow fused loop (two 2048 x 512 blocks: 27 ms, against 4.5 ms this way).
+    return jnp.dot(jnp.ones((x.shape[0],), jnp.float32), jnp.concatenate([c, s], axis=1),
+                   precision=jax.lax.Precision.HIGHEST)
+
+
+def rff_mmd2_from_sums(sx, sy, n: int, m: int, *, num_features: int, num_bandwidths: int = 1,
+                       estimator: str = "unbiased"):
+    """Jittable MMD^2 from :func:`rff_sums` of the two samples (one side may be computed once and reused)."""
+    f = num_features
+    return _combine(sx @ sx / f, sy @ sy / f, sx @ sy / f, n, m, num_bandwidths, estimator)
 
 
 def rff_mmd2(x, y, freqs, *, num_bandwidths: int = 1, estimator: str = "unbiased"):
@@ -217,14 +237,6 @@ def rff_mmd2(x, y, freqs, *, num_bandwidths: int = 1, estimator: str = "unbiased
 
     ``freqs`` comes from :func:`rff_frequencies`; ``num_bandwidths`` is the number of sigmas it was drawn for.
     """
-    k0 = num_bandwidths
-    f = freqs.shape[1] // k0
-    th_x = jnp.dot(x, freqs, precision=jax.lax.Precision.HIGHEST)
-    th_y = jnp.dot(y, freqs, precision=jax.lax.Precision.HIGHEST)
-    sx = jnp.concatenate([t.sum(0) for t in sincos(th_x)])
-    sy = jnp.concatenate([t.sum(0) for t in sincos(th_y)])
-    n, m = x.shape[0], y.shape[0]
-    xx, yy, xy = sx @ sx / f, sy @ sy / f, sx @ sy / f
-    if estimator == "unbiased":
-        return (xx - n * k0) / (n * (n - 1)) + (yy - m * k0) / (m * (m - 1)) - 2.0 * xy / (n * m)
-    return xx / n**2 + yy / m**2 - 2.0 * xy / (n * m)
+    f = freqs.shape[1] // num_bandwidths
+    return rff_mmd2_from_sums(rff_sums(x, freqs), rff_sums(y, freqs), x.shape[0], y.shape[0], num_features=f,
+                              num_bandwidths=num_bandwidths, estimator=estimator)

@@ -16,15 +16,16 @@ import numpy as np
 
 from vfm_align.align.cka import linear_cka_jax as linear_cka
 from vfm_align.align.kernels import median_sigma
-from vfm_align.align.rff import rff_frequencies, rff_mmd2
+from vfm_align.align.rff import rff_frequencies, rff_mmd2_from_sums, rff_sums
 
 
-def _site_scores(pre, post, freqs):
+def _site_scores(pre, pre_sums, post, freqs):
     eps = 1e-12
     cos = jnp.sum(pre * post, -1) / (jnp.linalg.norm(pre, axis=-1) * jnp.linalg.norm(post, axis=-1) + eps)
     rel = jnp.linalg.norm(post - pre, axis=-1) / (jnp.linalg.norm(pre, axis=-1) + eps)
-    return {"mmd2": rff_mmd2(pre, post, freqs), "cka": linear_cka(pre, post),
-            "drift_cos": jnp.mean(1.0 - cos), "drift_rel": jnp.mean(rel)}
+    n = pre.shape[0]
+    mmd2 = rff_mmd2_from_sums(pre_sums, rff_sums(post, freqs), n, post.shape[0], num_features=freqs.shape[1])
+    return {"mmd2": mmd2, "cka": linear_cka(pre, post), "drift_cos": jnp.mean(1.0 - cos), "drift_rel": jnp.mean(rel)}
 
 
 class AlignmentMonitor:
@@ -58,12 +59,14 @@ class AlignmentMonitor:
             fh = np.asarray(f)
             sigma = median_sigma(fh, seed=self.seed)
             self.freqs[s] = jnp.asarray(rff_frequencies(fh.shape[1], self.num_features, [sigma], seed=self.seed))
-        self._score = jax.jit(lambda pre, post, fr: {s: _site_scores(pre[s], post[s], fr[s]) for s in pre})
-        jax.block_until_ready(self._score(self.pre, self.pre, self.freqs))  # compile now, not inside the loop
+        # The bank's random-feature sums are computed once; each call only featurises the current side.
+        self.pre_sums = {s: jax.jit(rff_sums)(self.pre[s], self.freqs[s]) for s in self.pre}
+        self._score = jax.jit(lambda pre, ps, post, fr: {s: _site_scores(pre[s], ps[s], post[s], fr[s]) for s in pre})
+        jax.block_until_ready(self._score(self.pre, self.pre_sums, self.pre, self.freqs))  # compile now
 
     def __call__(self, state) -> dict:
         if self.pre is None:
             raise RuntimeError("AlignmentMonitor.bank(pretrained_state) must run before scoring")
         post = self._rows(self.feature_fn(state, self.probe))
-        scores = jax.device_get(self._score(self.pre, post, self.freqs))
+        scores = jax.device_get(self._score(self.pre, self.pre_sums, post, self.freqs))
         return {f"align/{s}/{k}": float(v) for s, d in scores.items() for k, v in d.items()}
