@@ -78,6 +78,8 @@ LEARN = [
     ("profound_conv", "detection"),
     ("profound_conv", "super_resolution"),
     ("profound_conv", "distortion_correction"),
+    ("profound_mae", "classification"),
+    ("profound_mae", "segmentation"),
 ]
 
 

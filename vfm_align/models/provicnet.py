@@ -135,7 +135,7 @@ class ConvBNReLU(nnx.Module):
         self.bn = batch_norm(cout, eps=bn_eps, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(self.bn(upsample2_conv3x3(x, self.conv.kernel.value, self.conv.bias.value)))
+        return jax.nn.relu(self.bn(upsample2_conv3x3(x, self.conv.kernel[...], self.conv.bias[...])))
 
 
 class ConvHead8(nnx.Module):
@@ -149,7 +149,7 @@ class ConvHead8(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for stage in self.stages:
             x = stage(x)
-        return upsample2_conv3x3(x, self.classifier.kernel.value, self.classifier.bias.value)
+        return upsample2_conv3x3(x, self.classifier.kernel[...], self.classifier.bias[...])
 
 
 class ContrastiveHead(nnx.Module):
@@ -306,7 +306,7 @@ class ProViCNetFusion(nnx.Module):
                 raise ValueError(f"{name} tokens: {t} is not a square grid")
             maps.append(self.streams[name](tok.reshape(n, g, g, e)))
         x = self.fuse(jnp.concatenate(maps, axis=-1))
-        return upsample2_conv3x3(x, self.classifier.kernel.value, self.classifier.bias.value)
+        return upsample2_conv3x3(x, self.classifier.kernel[...], self.classifier.bias[...])
 
 
 def load_stream_heads(fusion: ProViCNetFusion, **per_sequence: ProViCNet) -> ProViCNetFusion:
