@@ -123,14 +123,35 @@ def test_score_command_errors(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
-def test_score_command_on_models_and_cohort(tmp_path):
-    """End to end: two tiny MAE-ViT checkpoints over a 3-case phantom cohort; mismatched configs refused."""
+def _score_perturbed(tmp_path, model, arch, cfg, cases, seed):
+    """Save ``model`` as 'before', perturb its weights by 0.05 sigma noise, save as 'after', and run
+    ``vfm-align score`` on the patch tokens over a phantom cohort of ``cases`` 16x32x32 cases."""
     import jax
     from flax import nnx
 
     from vfm_align.cli import main
     from vfm_align.data.phantom import make_phantom
-    from vfm_align.model_io import SIDECAR, save_model
+    from vfm_align.model_io import save_model
+
+    before = save_model(model, arch, cfg, tmp_path / "before")
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
+    nnx.update(model, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params))
+    after = save_model(model, arch, cfg, tmp_path / "after")
+    manifest = make_phantom(tmp_path / "cohort", cases=cases, shape=(16, 32, 32), seed=0, workers=1, progress=False)
+    out = tmp_path / "score"
+    rc = main(["score", "--before", before, "--after", after, "--data", manifest, "--features", "patch",
+               "--permutations", "19", "--num-features", "256", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return before, after, manifest, out, json.loads((out / "score.json").read_text())
+
+
+def test_score_command_on_models_and_cohort(tmp_path):
+    """End to end: two tiny MAE-ViT checkpoints over a 3-case phantom cohort; mismatched configs refused."""
+    from flax import nnx
+
+    from vfm_align.cli import main
+    from vfm_align.model_io import SIDECAR
     from vfm_align.models.mae_vit3d import ARCH, MaeViT3dConfig
     from vfm_align.models.registry import build_model
 
@@ -138,17 +159,7 @@ def test_score_command_on_models_and_cohort(tmp_path):
                          decoder_embed_dim=6, decoder_depth=1, decoder_num_heads=1, decoder_mlp_dim=12,
                          num_patches=8, img_size=(16, 32, 32))
     model = build_model(ARCH, cfg, rngs=nnx.Rngs(0))  # building is the slow part: once, then perturb
-    before = save_model(model, ARCH, cfg, tmp_path / "before")
-    params = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
-    nnx.update(model, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params))
-    after = save_model(model, ARCH, cfg, tmp_path / "after")
-    manifest = make_phantom(tmp_path / "cohort", cases=3, shape=(16, 32, 32), seed=0, workers=1, progress=False)
-    out = tmp_path / "score"
-    rc = main(["score", "--before", before, "--after", after, "--data", manifest, "--features", "patch",
-               "--permutations", "19", "--num-features", "256", "--out", str(out), "--quiet"])
-    assert rc == 0
-    r = json.loads((out / "score.json").read_text())
+    before, after, manifest, out, r = _score_perturbed(tmp_path, model, ARCH, cfg, cases=3, seed=1)
     assert (r["n_before"], r["d"]) == (3 * 8, 12)  # 3 cases x 8 patch tokens
     xb, xa = open_bank(out / "before_patch.npy"), open_bank(out / "after_patch.npy")
     assert xb.provenance["provenance"]["model"] == before and xb.provenance["rows_per_input"] == 8
@@ -166,16 +177,12 @@ def test_score_command_on_models_and_cohort(tmp_path):
 def test_score_command_on_provicnet_slices(tmp_path):
     """ProViCNet checkpoints are scored on 2.5D slices of each volume: one bank row per patch token
     of every slice, in the order the model itself produces them for that case."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import vfm_align
-    from vfm_align.cli import main
     from vfm_align.data.cache import PreprocessCache
     from vfm_align.data.cohort import read_manifest
-    from vfm_align.data.phantom import make_phantom
-    from vfm_align.model_io import save_model
     from vfm_align.models.provicnet import ProViCNetConfig
     from vfm_align.models.registry import build_model
     from vfm_align.models.task_model import volume_to_slices
@@ -183,17 +190,7 @@ def test_score_command_on_provicnet_slices(tmp_path):
     cfg = ProViCNetConfig(img_size=28, embed_dim=24, depth=1, num_heads=2, mlp_hidden=48, num_registers=4,
                           pos_src_grid=3, head_channels=(8, 4), num_classes=4, cl_out=0)
     model = build_model("provicnet", cfg, rngs=nnx.Rngs(0))
-    before = save_model(model, "provicnet", cfg, tmp_path / "before")
-    params = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))
-    nnx.update(model, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params))
-    after = save_model(model, "provicnet", cfg, tmp_path / "after")
-    manifest = make_phantom(tmp_path / "cohort", cases=2, shape=(16, 32, 32), seed=0, workers=1, progress=False)
-    out = tmp_path / "score"
-    rc = main(["score", "--before", before, "--after", after, "--data", manifest, "--features", "patch",
-               "--permutations", "19", "--num-features", "256", "--out", str(out), "--quiet"])
-    assert rc == 0
-    r = json.loads((out / "score.json").read_text())
+    before, after, manifest, out, r = _score_perturbed(tmp_path, model, "provicnet", cfg, cases=2, seed=2)
     assert (r["n_before"], r["d"]) == (2 * 16 * 4, 24)  # 2 cases x 16 slices x 2x2 patch tokens
     # The first case's rows: the before-model's tokens of that volume's T2w slices, computed here directly.
     cohort = read_manifest(manifest)

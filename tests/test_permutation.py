@@ -84,7 +84,6 @@ def test_exact_statistic_and_rff_agreement():
 
 
 def test_bad_input():
-    x = np.zeros((10, 3), np.float32) + np.arange(3, dtype=np.float32)
     y = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
     with pytest.raises(DataError, match="equal size"):
         mmd_test(y, np.concatenate([y, y]), 10, paired=True, sigma=1.0)

@@ -1,6 +1,5 @@
 """ProFound-Conv parity against the upstream goldens, conversion bookkeeping, save/load, FCMAE."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """The safe checkpoint reader: real torch files load, code-carrying pickles load nothing and run nothing."""
 
-import io
 import pickle
 import zipfile
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from vfm_align.errors import ConfigError
 from vfm_align.models.fcmae import random_mask
