@@ -14,12 +14,12 @@ import dataclasses
 import datetime
 import json
 import os
-import tempfile
 from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from vfm_align.atomic import atomic_file, write_json
 from vfm_align.errors import DataError
 
 FORMAT_VERSION = 1
@@ -70,68 +70,63 @@ def extract_bank(feature_fn: Callable[[Any], dict], batches: Iterable, path: str
     side = sidecar_path(path)
     if not overwrite and (os.path.exists(path) or os.path.exists(side)):
         raise DataError(f"{path}: bank already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".npy", dir=parent)
-    os.close(fd)
-    raw = tmp + ".raw"
     total = 0
     width = None
     rows_per_input = None
     out = None
-    try:
-        total_batches = len(batches) if hasattr(batches, "__len__") else None
-        with open(raw, "wb") if num_rows is None else contextlib.nullcontext() as sink:
-            for b, batch in enumerate(tqdm(batches, total=total_batches, desc=f"bank {site}", unit="batch",
-                                           disable=not progress)):
-                feats = feature_fn(batch)
-                raw_site = np.shape(feats.get(site, ())) if isinstance(feats, dict) else ()
-                a = _rows(feats, site, b)
-                if width is None:
-                    width = a.shape[1]
-                    rows_per_input = int(raw_site[1]) if len(raw_site) == 3 else 1
-                    if num_rows is not None:
-                        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, width))
-                elif a.shape[1] != width:
-                    raise DataError(f"feature site '{site}': width changed from {width} to {a.shape[1]} in batch {b}")
-                if num_rows is None:
-                    sink.write(np.ascontiguousarray(a).tobytes())
-                else:
-                    if total + len(a) > num_rows:
-                        raise DataError(f"bank {path}: more rows than num_rows={num_rows} (batch {b})")
-                    out[total:total + len(a)] = a
-                total += len(a)
-        if total == 0:
-            raise DataError(f"bank {path}: no features were produced (empty batch iterator?)")
-        if num_rows is None:
-            src = np.memmap(raw, dtype=np.float32, mode="r", shape=(total, width))
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, width))
-            step = max(1, (64 << 20) // (4 * width))
-            for s in range(0, total, step):
-                out[s:s + step] = src[s:s + step]
-            del src
-        elif total != num_rows:
-            raise DataError(f"bank {path}: produced {total} rows, expected num_rows={num_rows}")
-        out.flush()
-        del out
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "site": site,
-            "shape": [total, width],
-            "dtype": "float32",
-            "rows_per_input": rows_per_input,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "provenance": provenance or {},
-        }
-        side_tmp = tmp + ".json"
-        with open(side_tmp, "w") as fh:
-            json.dump(meta, fh, indent=1, default=repr)
-        os.replace(tmp, path)
-        os.replace(side_tmp, side)
-    finally:
-        for p in (raw, tmp, tmp + ".json"):
-            if os.path.exists(p):
-                os.remove(p)
+    # The .npy appears under its name only once complete, then its sidecar.
+    with atomic_file(path, suffix=".npy") as tmp:
+        raw = tmp + ".raw"
+        try:
+            total_batches = len(batches) if hasattr(batches, "__len__") else None
+            with open(raw, "wb") if num_rows is None else contextlib.nullcontext() as sink:
+                for b, batch in enumerate(tqdm(batches, total=total_batches, desc=f"bank {site}", unit="batch",
+                                               disable=not progress)):
+                    feats = feature_fn(batch)
+                    raw_site = np.shape(feats.get(site, ())) if isinstance(feats, dict) else ()
+                    a = _rows(feats, site, b)
+                    if width is None:
+                        width = a.shape[1]
+                        rows_per_input = int(raw_site[1]) if len(raw_site) == 3 else 1
+                        if num_rows is not None:
+                            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, width))
+                    elif a.shape[1] != width:
+                        raise DataError(f"feature site '{site}': width changed from {width} to {a.shape[1]} in batch {b}")
+                    if num_rows is None:
+                        sink.write(np.ascontiguousarray(a).tobytes())
+                    else:
+                        if total + len(a) > num_rows:
+                            raise DataError(f"bank {path}: more rows than num_rows={num_rows} (batch {b})")
+                        out[total:total + len(a)] = a
+                    total += len(a)
+            if total == 0:
+                raise DataError(f"bank {path}: no features were produced (empty batch iterator?)")
+            if num_rows is None:
+                src = np.memmap(raw, dtype=np.float32, mode="r", shape=(total, width))
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, width))
+                step = max(1, (64 << 20) // (4 * width))
+                for s in range(0, total, step):
+                    out[s:s + step] = src[s:s + step]
+                del src
+            elif total != num_rows:
+                raise DataError(f"bank {path}: produced {total} rows, expected num_rows={num_rows}")
+            out.flush()
+            del out
+            with contextlib.suppress(FileNotFoundError):  # an overwritten bank's sidecar never describes the new rows
+                os.remove(side)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(raw)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "site": site,
+        "shape": [total, width],
+        "dtype": "float32",
+        "rows_per_input": rows_per_input,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance or {},
+    }
+    write_json(side, meta, default=repr)
     return open_bank(path)
 
 
