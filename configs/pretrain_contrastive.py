@@ -6,21 +6,16 @@ Pairs follow ProViCNet (anchors >= 62/64 cancer pixels per 8x8 block) rescaled t
 token blocks: anchors >= 15/16, distant negatives <= 0/16, at most 30 pairs of each kind per batch.
 """
 
-import importlib.util
-import os
-
 import ml_collections as mc
 
-_spec = importlib.util.spec_from_file_location("_pretrain_mae", os.path.join(os.path.dirname(__file__), "pretrain_mae.py"))
-_mae = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mae)
+from vfm_align.train.recipes import pretrain_optim
 
 
 def get_config():
     return mc.ConfigDict(dict(
         backbone="provicnet", objective="contrastive", seed=0, steps=60, batch_size=2,
         mesh=dict(devices=1, data=1, fsdp=1),
-        optim=_mae.optim(),
+        optim=pretrain_optim(),
         model=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_registers=4, head_channels=(8,),
                    cl_hidden=64, cl_bottleneck=32, cl_out=128),
         objective_args=dict(slice_channel=0, slice_window=3, pair_block=4, pair_hi=15, pair_lo=0, max_pair=30,

@@ -14,14 +14,9 @@ decoder block, AdamW lr 1e-3 (not batch-scaled), betas (0.9, 0.95), wd 0.05. The
 Inputs (N, D, H, W, 3) volumes [T2w, high-b DWI, ADC] of the phantom cohort; a minute or two on a 2-core CPU.
 """
 
-import importlib.util
-import os
-
 import ml_collections as mc
 
-_spec = importlib.util.spec_from_file_location("_pretrain_mae", os.path.join(os.path.dirname(__file__), "pretrain_mae.py"))
-_mae = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mae)
+from vfm_align.train.recipes import pretrain_optim
 
 
 def get_config():
@@ -29,7 +24,7 @@ def get_config():
         backbone="profound_conv", objective="fcmae", seed=0, steps=60, batch_size=4,
         mesh=dict(devices=1, data=1, fsdp=1),
         # AdamW lr 1e-3, betas (0.9, 0.95), wd 0.05: ProFound's FCMAE recipe (plus warmup 5 and clipping at 1).
-        optim=_mae.optim(),
+        optim=pretrain_optim(),
         # ConvNeXt-V2 "tiny for CPU" sizes, as train/recipes.py: the "lax" depthwise conv compiles far faster
         # than the CPU "shift" form, which dominates runs this short.
         # Reference: depths (3, 3, 9, 3), dims (96, 192, 384, 768), decoder_dim 512, decoder_depth 1.

@@ -7,18 +7,14 @@ Inputs (N, D, H, W, 3) volumes [T2w, ADC, DWI] of the phantom cohort; a few minu
 
 import ml_collections as mc
 
-
-def optim(lr=1e-3, warmup=5):
-    return mc.ConfigDict(dict(name="adamw", lr=lr, min_lr=1e-5, warmup_steps=warmup, weight_decay=0.05,
-                              b1=0.9, b2=0.95, eps=1e-8, layer_decay=1.0, backbone_lr_mult=1.0, clip_norm=1.0,
-                              grad_accum=1))
+from vfm_align.train.recipes import pretrain_optim
 
 
 def get_config():
     return mc.ConfigDict(dict(
         backbone="mae_vit", objective="mae", seed=0, steps=60, batch_size=4,
         mesh=dict(devices=1, data=1, fsdp=1),
-        optim=optim(),
+        optim=pretrain_optim(),
         model=dict(patch_size=(4, 8, 8), embed_dim=48, depth=2, num_heads=2, mlp_dim=96, decoder_embed_dim=24,
                    decoder_depth=1, decoder_num_heads=2, decoder_mlp_dim=48, norm_pix_loss=True),
         objective_args=dict(mask_ratio=0.75),  # MAE default; ProFound's FCMAE demo uses 0.6

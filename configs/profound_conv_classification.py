@@ -10,11 +10,8 @@ cores); the default is the released model size and needs a GPU. Pass
 --config.model.pretrained=DIR (a converted model directory) to start from pretrained weights.
 """
 
-from vfm_align.train.recipes import base_config
+from vfm_align.train.recipes import recipe_config
 
 
 def get_config(variant: str = "default"):
-    cfg = base_config("profound_conv", "classification", variant)
-    # ProFound-Conv: layer-wise lr decay over its 18 layers (util/convnext_optim.py, "single" mode).
-    cfg.optim.layer_decay = 0.75 if variant == "default" else 1.0
-    return cfg
+    return recipe_config("profound_conv", "classification", variant)

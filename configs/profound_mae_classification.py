@@ -10,11 +10,8 @@ cores); the default is the released model size and needs a GPU. Pass
 --config.model.pretrained=DIR (a converted model directory) to start from pretrained weights.
 """
 
-from vfm_align.train.recipes import base_config
+from vfm_align.train.recipes import recipe_config
 
 
 def get_config(variant: str = "default"):
-    cfg = base_config("profound_mae", "classification", variant)
-    # ProFound MAE-ViT: layer-wise decay over the 12 blocks, as MAE fine-tuning does.
-    cfg.optim.layer_decay = 0.75 if variant == "default" else 1.0
-    return cfg
+    return recipe_config("profound_mae", "classification", variant)

@@ -10,17 +10,8 @@ cores); the default is the released model size and needs a GPU. Pass
 --config.model.pretrained=DIR (a converted model directory) to start from pretrained weights.
 """
 
-from vfm_align.train.recipes import base_config
+from vfm_align.train.recipes import recipe_config
 
 
 def get_config(variant: str = "default"):
-    cfg = base_config("profound_mae", "distortion_correction", variant)
-    # ProFound MAE-ViT: layer-wise decay over the 12 blocks, as MAE fine-tuning does.
-    cfg.optim.layer_decay = 0.75 if variant == "default" else 1.0
-    # Tiny (CPU) runs are a few dozen steps, and the head (which starts at the identity) learns its
-    # correction from scratch: a higher peak lr than the other tiny recipes. ProFound-Conv super-resolution
-    # on tests/test_train_loop.py's synthetic check, 30 steps, PSNR over the degraded input: +1.3 dB at
-    # lr 1e-3, +2.0 dB at 5e-3, +1.9 dB at 1e-2.
-    if variant == "tiny":
-        cfg.optim.lr = 5e-3
-    return cfg
+    return recipe_config("profound_mae", "distortion_correction", variant)

@@ -10,12 +10,8 @@ cores); the default is the released model size and needs a GPU. Pass
 --config.model.pretrained=DIR (a converted model directory) to start from pretrained weights.
 """
 
-from vfm_align.train.recipes import base_config
+from vfm_align.train.recipes import recipe_config
 
 
 def get_config(variant: str = "default"):
-    cfg = base_config("provicnet", "segmentation", variant)
-    # ProViCNet fine-tuning: backbone lr 0.05x the head's (reference-models.md 4.5).
-    cfg.optim.backbone_lr_mult = 0.05
-    cfg.optim.layer_decay = 1.0
-    return cfg
+    return recipe_config("provicnet", "segmentation", variant)

@@ -7,22 +7,15 @@ Tiny models and volumes so it finishes on a 2-core CPU; for a real cohort set co
 give converted checkpoints as backbones[i].weights (see README, section "study").
 """
 
-import importlib.util
-import os
-
 import ml_collections as mc
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from vfm_align.config_file import recipe_module
+from vfm_align.train.recipes import pretrain_optim
 
 
 def get_config(pretrain_steps=400, finetune_steps=150, cases=96):
-    mae = _load("pretrain_mae").get_config()
-    con = _load("pretrain_contrastive").get_config()
+    mae = recipe_module("pretrain_mae.py", beside=__file__).get_config()
+    con = recipe_module("pretrain_contrastive.py", beside=__file__).get_config()
     for p in (mae, con):
         p.steps = pretrain_steps
     return mc.ConfigDict(dict(
@@ -37,7 +30,7 @@ def get_config(pretrain_steps=400, finetune_steps=150, cases=96):
         finetune=dict(steps=finetune_steps, eval_every=max(1, finetune_steps // 10), batch_size=4, head_hidden=16,
                       slice_channel=0, slice_window=3, augment=True, probe_cases=8,
                       sites=["pooled", "patch"], rff_features=1024, max_rows=2048,
-                      optim=_load("pretrain_mae").optim(lr=5e-4, warmup=2)),
+                      optim=pretrain_optim(lr=5e-4, warmup=2)),
         primary_site="pooled",
         gain_floor=0.05,  # relative gain = (pretrained - random) / max(|random|, gain_floor)
         num_permutations=1000,

@@ -9,24 +9,16 @@ same number of steps as the other two and fine-tuned from its saved encoder, wit
 volumes must be whole multiples of 16 voxels per axis (the FCMAE patch, the ConvNeXt's total stride).
 """
 
-import importlib.util
-import os
-
 import ml_collections as mc
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from vfm_align.config_file import recipe_module
 
 
 def get_config(**kwargs):
     """study_default's config (its defaults, or ``pretrain_steps``/``finetune_steps``/``cases`` given here) plus
     the FCMAE backbone, pretrained for as many steps as the default backbones."""
-    cfg = _load("study_default").get_config(**kwargs)
-    fcmae = _load("pretrain_fcmae").get_config()
+    cfg = recipe_module("study_default.py", beside=__file__).get_config(**kwargs)
+    fcmae = recipe_module("pretrain_fcmae.py", beside=__file__).get_config()
     fcmae.steps = cfg.backbones[0].pretrain.steps
     cfg.backbones.append(mc.ConfigDict(dict(name="reconstruction_conv", family="profound_conv", weights="",
                                             pretrain=fcmae)))

@@ -3,16 +3,11 @@
     vfm-align study --quick --out /tmp/quick_study
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_study_default", os.path.join(os.path.dirname(__file__), "study_default.py"))
-_default = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_default)
+from vfm_align.config_file import recipe_module
 
 
 def get_config():
-    cfg = _default.get_config(pretrain_steps=3, finetune_steps=4, cases=10)
+    cfg = recipe_module("study_default.py", beside=__file__).get_config(pretrain_steps=3, finetune_steps=4, cases=10)
     for b in cfg.backbones:  # one block each: compile time dominates a run this short
         b.pretrain.model.depth = 1
         b.pretrain.batch_size = 2

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vfm_align.study.config import default_config_path, load_config
+from vfm_align.config_file import default_config_path, load_config
 from vfm_align.study.finetune import steps_to_fraction
 from vfm_align.study.runner import run_study
 from vfm_align.study.taskdata import TASKS

@@ -22,7 +22,7 @@ from vfm_align.models.fcmae import FCMAE, random_mask
 from vfm_align.models.registry import config_from_dict
 from vfm_align.study import pretrain as pretrain_mod, taskdata
 from vfm_align.study.backbones import GridFeatures, backbone_config, pretraining_model
-from vfm_align.study.config import default_config_path, load_config
+from vfm_align.config_file import default_config_path, load_config
 from vfm_align.study.finetune import run_finetune
 from vfm_align.study.objectives import make_objective
 from vfm_align.study.pretrain import pretrain, study_mesh

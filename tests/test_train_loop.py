@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from train_toy import make_data
-from vfm_align.cli.finetune import load_config
+from vfm_align.config_file import load_config
 from vfm_align.train.checkpoint import RunCheckpoints
 from vfm_align.train.loop import TrainingDiverged, batch_indices, fit
 from vfm_align.train.recipes import base_config

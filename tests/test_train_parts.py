@@ -162,18 +162,40 @@ def test_untrained_restoration_model_returns_the_degraded_input(family, task, ch
 
 
 def test_recipe_overrides_are_typed_and_checked(tmp_path):
-    from vfm_align.cli.finetune import load_config
+    from vfm_align.cli import build_parser
+    from vfm_align.config_file import load_config
 
     recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "provicnet_segmentation.py")
-    cfg = load_config(recipe + ":tiny",
-                      ["--config.optim.lr=3e-4", "--config.train.steps", "7", "--config.model.freeze_backbone=true",
-                       "--config.data.shape=(16, 64, 64)", "--config.optim.warmup_steps=0"])
+    # The finetune command's --config.KEY=VALUE and --config.KEY VALUE flags arrive as KEY=VALUE.
+    args = build_parser().parse_args(
+        ["finetune", "--config", recipe + ":tiny", "--config.optim.lr=3e-4", "--config.train.steps", "7",
+         "--config.model.freeze_backbone=true", "--config.data.shape=(16, 64, 64)", "--config.optim.warmup_steps=0"])
+    assert args.overrides[:2] == ["optim.lr=3e-4", "train.steps=7"]
+    cfg = load_config(args.config, args.overrides)
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.model.freeze_backbone is True
     assert tuple(cfg.data.shape) == (16, 64, 64) and cfg.optim.backbone_lr_mult == 0.05
+    assert isinstance(cfg.optim.warmup_steps, int) and isinstance(cfg.data.shape, tuple)
     with pytest.raises(ConfigError, match="unknown key"):
-        load_config(recipe, ["--config.optim.lrr=1"])
+        load_config(recipe, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="expected true/false"):
-        load_config(recipe, ["--config.model.freeze_backbone=maybe"])
+        load_config(recipe, ["model.freeze_backbone=maybe"])
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(recipe, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(recipe, ["optim.lr"])
+
+
+def test_study_overrides_reach_list_items():
+    from vfm_align.config_file import default_config_path, load_config
+
+    cfg = load_config(default_config_path("study_default"),
+                      ["backbones.1.weights=models/provicnet", 'finetune.sites=["pooled"]', "mesh.devices=0"])
+    assert cfg.backbones[1].weights == "models/provicnet" and cfg.backbones[0].weights == ""
+    assert list(cfg.finetune.sites) == ["pooled"] and cfg.mesh.devices == 0
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(default_config_path("study_default"), ["backbones.5.weights=x"])
+    with pytest.raises(ConfigError, match="no section"):
+        load_config(default_config_path("study_default"), ["nosuch.key=1"])
 
 
 def test_alignment_monitor_scores_against_the_bank():

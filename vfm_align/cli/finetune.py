@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import os
 
@@ -44,75 +42,19 @@ def _collect_overrides(p) -> None:
         while i < len(extra):
             a = extra[i]
             if a.startswith("--config."):
-                ns.overrides.append(a)
-                if "=" not in a and i + 1 < len(extra):
-                    ns.overrides.append(extra[i + 1])
-                    i += 1
+                key, eq, value = a[len("--config."):].partition("=")
+                if not eq:  # "--config.KEY VALUE"; a trailing "--config.KEY" is left to argparse's error
+                    if i + 1 >= len(extra):
+                        rest.append(a)
+                        break
+                    value, i = extra[i + 1], i + 1
+                ns.overrides.append(f"{key}={value}")
             else:
                 rest.append(a)
             i += 1
         return ns, rest
 
     p.parse_known_args = parse_known_args
-
-
-def load_config(spec: str, overrides: list[str]):
-    """get_config(arg) of a recipe file, with ``--config.a.b=v`` overrides applied and the result locked."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: recipe file not found")
-    mod_spec = importlib.util.spec_from_file_location("_vfm_align_recipe", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise ConfigError(f"{path}: no get_config() function")
-    cfg = mod.get_config(arg) if arg else mod.get_config()
-    i = 0
-    while i < len(overrides):
-        item = overrides[i]
-        if not item.startswith("--config."):
-            raise ConfigError(f"unexpected argument '{item}' (overrides look like --config.optim.lr=1e-4)")
-        key, eq, value = item[len("--config."):].partition("=")
-        if not eq:
-            if i + 1 >= len(overrides):
-                raise ConfigError(f"{item}: missing value")
-            value, i = overrides[i + 1], i + 1
-        set_override(cfg, key, value)
-        i += 1
-    cfg.lock()
-    return cfg
-
-
-def set_override(cfg, key: str, text: str) -> None:
-    """Set ``cfg.<key>`` from text, typed like the current value (bools, numbers, tuples, strings)."""
-    *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-        if part not in node:
-            raise ConfigError(f"--config.{key}: no section '{part}'")
-        node = node[part]
-    if leaf not in node:
-        raise ConfigError(f"--config.{key}: unknown key (known: {sorted(node.keys())})")
-    old = node[leaf]
-    if isinstance(old, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"--config.{key}: expected true/false, got '{text}'")
-        value = text.lower() in ("true", "1")
-    elif isinstance(old, str):
-        value = text
-    else:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError) as exc:
-            raise ConfigError(f"--config.{key}: cannot parse '{text}'") from exc
-        if isinstance(old, float) and isinstance(value, int):
-            value = float(value)
-        if isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
-    try:
-        node[leaf] = value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--config.{key}: {exc}") from exc
 
 
 def cohort_data(cfg):
@@ -151,6 +93,8 @@ def run(args) -> int:
         import jax
 
         jax.distributed.initialize()  # multi-host: coordinator and process ids from the runtime
+    from vfm_align.config_file import load_config
+
     cfg = load_config(args.config, args.overrides)
     task, data = cohort_data(cfg)
     with cfg.unlocked():

@@ -24,7 +24,7 @@ def run(args) -> int:
 
     from vfm_align.errors import CheckpointError
     from vfm_align.study import taskdata
-    from vfm_align.study.config import load_config
+    from vfm_align.config_file import load_config
     from vfm_align.study.pretrain import pretrain
 
     cfg = load_config(args.config, args.set)

@@ -12,13 +12,13 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="use configs/study_quick.py (a minutes-long run)")
     p.add_argument("--out", default="study_out", help="output folder (default: ./study_out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set finetune.steps=100 (JSON values; repeatable)")
+                   help="override a config value, e.g. --set finetune.steps=100 (typed like the value it replaces; repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from vfm_align.study.config import default_config_path, load_config
+    from vfm_align.config_file import default_config_path, load_config
     from vfm_align.study.runner import run_study
 
     path = args.config or default_config_path("study_quick" if args.quick else "study_default")
