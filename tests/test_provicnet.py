@@ -1,6 +1,7 @@
 """ProViCNet parity with the PyTorch goldens, the converter's size inference and its error reporting."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,39 @@ def test_tokens_parity(t2_out, golden):
     assert _maxerr(f["registers"], g["prefix_tokens"][:, 1:5]) <= TOL
     assert _maxerr(f["pooled"], g["patch_tokens"].mean(axis=1)) <= TOL
     assert _maxerr(f["patch_map"], g["patch_tokens"].reshape(2, 32, 32, 384)) <= TOL
+
+
+def test_slice_by_slice_and_batched_blocks_both_match_the_golden(t2, golden, monkeypatch):
+    """On one CPU device, eval mode runs the blocks one slice at a time (a scan over the 2 slices)
+    and train mode batched; the suite's 8 fake devices keep the batched form everywhere. Both
+    forms must give the golden tokens."""
+    model, _ = t2
+    g = golden("provicnet_t2")
+    x = jnp.asarray(g["x"].transpose(0, 2, 3, 1))
+    pos = jnp.asarray(g["pos"])
+    scan_over_slices = re.compile(r"length=2\s")
+
+    def jaxpr_and_tokens():
+        graphdef, state = nnx.split(model)
+        jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).tokens(x, pos)[0])(state))
+        with jax.default_matmul_precision("highest"):
+            return jaxpr, _jit_method(model, "tokens")(x, pos)[0]
+
+    assert not scan_over_slices.search(jaxpr_and_tokens()[0])  # 8 devices: batched
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    jaxpr, tokens = jaxpr_and_tokens()
+    assert scan_over_slices.search(jaxpr)
+    results = [tokens]
+    model.train()
+    try:
+        jaxpr, tokens = jaxpr_and_tokens()
+    finally:
+        model.eval()
+    assert not scan_over_slices.search(jaxpr)
+    results.append(tokens)
+    for tokens in results:
+        assert _maxerr(tokens[:, 7:], g["patch_tokens"]) <= TOL
+        assert _maxerr(tokens[:, :7], g["prefix_tokens"]) <= TOL
 
 
 def test_contrastive_head_parity(t2_out, golden):
