@@ -16,8 +16,8 @@ in one run is the number to read.
 Last runs (idle 2-core machines, jax 0.10.2, torch 2.13 with 2 threads, interleaved):
 AMD EPYC (AVX2), two runs: encoder 1.02x / 0.95x (8.95 s / 9.61 s vs 9.11 s / 9.13 s), full model 1.04x /
 1.04x (9.67 s / 9.57 s vs 10.04 s / 9.95 s), with the blocks run slice by slice for inference (batched
-they gave 0.90x / 0.98x there). An earlier machine, batched blocks: encoder 4.66 s vs 4.98 s (1.07x), full model 4.54 s vs 4.89 s (1.08x). Outputs agree to ~6e-6
-(tokens) and ~9e-7 (logits).
+they gave 0.90x / 0.98x there). An earlier machine, batched blocks: encoder 4.66 s vs 4.98 s (1.07x),
+full model 4.54 s vs 4.89 s (1.08x). Outputs agree to ~6e-6 (tokens) and ~9e-7 (logits).
 """
 
 from __future__ import annotations
