@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vfm_align.align.stream import gather_rows
 from vfm_align.errors import ConfigError, DataError
 
 KERNELS = ("rbf", "laplacian")
@@ -67,9 +68,9 @@ def median_sigma(x, y=None, *, max_points: int = MEDIAN_MAX_POINTS, seed: int = 
         idx = np.arange(pooled_n)
     nx = len(x)
     ix, iy = idx[idx < nx], idx[idx >= nx] - nx
-    parts = [np.asarray(x[ix], dtype=np.float64)]
+    parts = [np.asarray(gather_rows(x, ix), dtype=np.float64)]
     if y is not None and len(iy):
-        parts.append(np.asarray(y[iy], dtype=np.float64))
+        parts.append(np.asarray(gather_rows(y, iy), dtype=np.float64))
     z = np.concatenate(parts, axis=0)
     sq = np.sum(z * z, axis=1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (z @ z.T), 0.0)
