@@ -134,14 +134,15 @@ def exact_mmd2(x, y, sigmas, *, kernel: str = "rbf", estimator: str = "unbiased"
 
 
 def mmd(x, y, *, kernel: str = "rbf", sigma="median", estimator: str = "unbiased", method: str = "exact",
-        num_features: int = 4096, seed: int = 0, orthogonal: bool = False, block: int = DEFAULT_BLOCK,
+        num_features: int = 4096, seed: int = 0, orthogonal: bool | str = False, block: int = DEFAULT_BLOCK,
         mesh=None, chunk_rows: int | None = None) -> float:
     """MMD^2 between feature banks ``x`` (n, d) and ``y`` (m, d), as a Python float.
 
     kernel: "rbf" or "laplacian". sigma: "median" (sigma^2 = median pooled d^2 / 2), a float, or a
     list (sum of kernels). estimator: "unbiased" (U), "biased" (V) or "linear" (n == m, exact only).
     method: "exact" (tiled Gram sums) or "rff" (``num_features`` random frequencies, cos and sin
-    each; ``seed`` fixes them; ``orthogonal`` for orthogonal random features; streams memmapped
+    each; ``seed`` fixes them; ``orthogonal=True`` for orthogonal random features, "structured" for
+    SORF (as accurate, several times faster at large widths); streams memmapped
     banks in ``chunk_rows`` chunks and shards rows over ``mesh`` when given).
     """
     check_kernel(kernel)

@@ -64,8 +64,7 @@ def _stat_from_sums(sx, sy, n, m, k0, f, estimator):
 
 
 def _raw_features(x, freqs):
-    th = jnp.dot(x, freqs, precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate(rff.sincos(th), axis=-1)
+    return jnp.concatenate(rff.sincos(rff.angles(x, freqs)), axis=-1)
 
 
 @jax.jit
@@ -111,8 +110,8 @@ def _rff_null(x, y, freqs, num_perm, paired, seed, chunk_rows):
     """Observed sums (float64) and the P permuted X-sums (float64, P x 2F)."""
     n, m = len(x), len(y)
     key = jax.random.key(seed)
-    f_dev = jnp.asarray(freqs)
-    width = 2 * freqs.shape[1]
+    f_dev = rff.to_device(freqs)
+    width = 2 * rff.num_angles(freqs)
     sx, sy = np.zeros(width), np.zeros(width)
     if paired:
         delta = np.zeros((num_perm, width))
@@ -196,7 +195,7 @@ def _exact_null(x, y, sigmas, kernel, estimator, num_perm, paired, seed):
 
 def mmd_test(x, y, num_permutations: int = 1000, paired: bool = False, *, kernel: str = "rbf", sigma="median",
              estimator: str = "unbiased", method: str = "rff", num_features: int = 2048, seed: int = 0,
-             orthogonal: bool = False, chunk_rows: int = PERM_CHUNK_ROWS) -> TestResult:
+             orthogonal: bool | str = False, chunk_rows: int = PERM_CHUNK_ROWS) -> TestResult:
     """Permutation test of P = Q with the MMD^2 statistic.
 
     paired=False shuffles the pooled sample (valid for independent banks). paired=True needs n == m
