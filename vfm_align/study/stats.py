@@ -15,19 +15,28 @@ from scipy.stats import rankdata
 from vfm_align.errors import DataError
 
 
+def _pearson_rows(x, y) -> np.ndarray:
+    """Pearson correlation of each row of x with the same row of y (NaN where a row is constant)."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    yc = y - y.mean(axis=-1, keepdims=True)
+    denom = np.sqrt((xc**2).sum(-1) * (yc**2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (xc * yc).sum(-1) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def _spearman_rows(x, y) -> np.ndarray:
+    return _pearson_rows(rankdata(x, axis=-1), rankdata(y, axis=-1))
+
+
 def pearson(x, y) -> float:
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = np.sqrt((xc**2).sum() * (yc**2).sum())
-    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+    return float(_pearson_rows(np.asarray(x, np.float64), np.asarray(y, np.float64)))
 
 
 def spearman(x, y) -> float:
-    return pearson(rankdata(x), rankdata(y))
+    return float(_spearman_rows(np.asarray(x, np.float64), np.asarray(y, np.float64)))
 
 
-_METHODS = {"pearson": pearson, "spearman": spearman}
+_METHODS = {"pearson": _pearson_rows, "spearman": _spearman_rows}
 
 
 @dataclass
@@ -60,17 +69,17 @@ def correlate(x, y, *, method: str = "spearman", confidence: float = 0.95, num_b
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise DataError("correlate: NaN/inf among the values")
     fn = _METHODS[method]
-    r = fn(x, y)
+    r = float(fn(x, y))
     rng = np.random.default_rng(seed)
     n = len(x)
-    boots = []
-    for _ in range(num_bootstrap):
-        idx = rng.integers(0, n, n)
-        b = fn(x[idx], y[idx])
-        if np.isfinite(b):  # resamples with a constant column have no correlation
-            boots.append(b)
+    # Resamples and orderings are drawn one by one (the seeded stream of the original loop), then
+    # correlated all at once along the rows.
+    idx = np.stack([rng.integers(0, n, n) for _ in range(num_bootstrap)]) if num_bootstrap else np.zeros((0, n), int)
+    boots = fn(x[idx], y[idx])
+    boots = boots[np.isfinite(boots)]  # resamples with a constant column have no correlation
     alpha = (1.0 - confidence) / 2.0
-    lo, hi = (np.quantile(boots, [alpha, 1.0 - alpha]) if boots else (np.nan, np.nan))
-    perms = np.array([fn(x, rng.permutation(y)) for _ in range(num_permutations)])
+    lo, hi = (np.quantile(boots, [alpha, 1.0 - alpha]) if len(boots) else (np.nan, np.nan))
+    order = np.stack([rng.permutation(n) for _ in range(num_permutations)]) if num_permutations else np.zeros((0, n), int)
+    perms = fn(np.broadcast_to(x, order.shape), y[order])
     p = (1.0 + np.sum(np.abs(perms) >= abs(r) - 1e-12)) / (1.0 + num_permutations)
     return Correlation(method, float(r), float(lo), float(hi), float(p), n, confidence, num_bootstrap, num_permutations)
