@@ -31,6 +31,7 @@ def get_config(pretrain_steps=400, finetune_steps=150, cases=96):
                       slice_channel=0, slice_window=3, augment=True, probe_cases=8,
                       sites=["pooled", "patch"], rff_features=1024, max_rows=2048,
                       optim=pretrain_optim(lr=5e-4, warmup=2)),
+        workers=2,  # fine-tunes run two at a time (threads): ~1.4x sooner on 2 cores, same numbers as 1
         primary_site="pooled",
         gain_floor=0.05,  # relative gain = (pretrained - random) / max(|random|, gain_floor)
         num_permutations=1000,

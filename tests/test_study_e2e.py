@@ -1,5 +1,6 @@
 """End to end: the quick study writes a complete report, resumes without redoing runs, and is deterministic."""
 
+import copy
 import json
 import os
 import shutil
@@ -67,6 +68,11 @@ def test_resume_and_determinism(quick, tmp_path):
         os.remove(os.path.join(part, "runs", r))
     os.remove(os.path.join(part, "results.json"))
     stamps = {r: os.stat(os.path.join(part, "runs", r)).st_mtime_ns for r in kept}
+    # The first study ran its fine-tunes two at a time; the redo runs them one by one, so the comparison
+    # below also checks that concurrent runs give the numbers of sequential ones.
+    assert cfg.workers == 2
+    cfg = copy.deepcopy(cfg)
+    cfg.workers = 1
     again = run_study(cfg, part, progress=False)
     for r in kept:  # completed runs were skipped, not recomputed
         assert os.stat(os.path.join(part, "runs", r)).st_mtime_ns == stamps[r]
@@ -95,3 +101,40 @@ def test_steps_to_fraction():
     assert steps_to_fraction([0, 10, 20, 30, 40], [0.5, 0.7, 0.8, 0.87, 0.9]) == 30
     # A run that never improves counts as converged at its last step.
     assert steps_to_fraction([0, 10, 20], [0.5, 0.4, 0.45]) == 20
+
+
+def test_run_concurrently_runs_every_job_and_stops_all_on_the_first_error():
+    import threading
+    import time
+
+    from vfm_align.errors import Stopped
+    from vfm_align.study.runner import run_concurrently
+
+    done, lock = [], threading.Lock()
+
+    def ok(i, stop):
+        time.sleep(0.01 * (i % 3))
+        with lock:
+            done.append(i)
+
+    run_concurrently(ok, [(i,) for i in range(7)], workers=2)
+    assert sorted(done) == list(range(7))
+
+    started, stopped = [], []
+
+    def failing(i, stop):
+        started.append(i)
+        if i == 1:
+            time.sleep(0.05)
+            raise ValueError("run 1 failed")
+        for _ in range(500):  # a long run that checks the stop flag every step, as run_finetune does
+            if stop.is_set():
+                stopped.append(i)
+                raise Stopped(str(i))
+            time.sleep(0.01)
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="run 1 failed"):
+        run_concurrently(failing, [(i,) for i in range(6)], workers=2)
+    assert time.perf_counter() - t0 < 4.0  # not the 5 s a long run takes to finish by itself
+    assert stopped == [0] and sorted(started) == [0, 1]  # the running one stopped, the queued ones never ran

@@ -19,3 +19,7 @@ class DataError(VfmAlignError):
 
 class ConfigError(VfmAlignError):
     """A configuration value is invalid or inconsistent."""
+
+
+class Stopped(VfmAlignError):
+    """A run left early because a concurrent run failed or the work was interrupted."""

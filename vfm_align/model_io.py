@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from typing import Any
 
 import jax
@@ -47,13 +48,17 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+# One Orbax save or restore at a time, so that threads (the study's concurrent runs) can share this module.
+_IO_LOCK = threading.Lock()
+
+
 def save_model(model: nnx.Module, arch: str, config: Any, out_dir: str | os.PathLike, *,
                extra: dict[str, Any] | None = None, overwrite: bool = False) -> str:
     """Write ``model`` to ``out_dir`` atomically; return the directory path."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
-    with atomic_dir(out_dir) as tmp:
+    with _IO_LOCK, atomic_dir(out_dir) as tmp:
         pure = nnx.to_pure_dict(_weights(model))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), pure)
@@ -85,7 +90,7 @@ def load(model_dir: str | os.PathLike) -> nnx.Module:
     target = nnx.to_pure_dict(_weights(model))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _IO_LOCK, ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(os.path.join(model_dir, "params"), abstract)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{model_dir}: cannot restore weights ({type(exc).__name__}: {exc})") from exc

@@ -8,11 +8,14 @@ set and scores MMD^2 / CKA / drift at every evaluation. Jitted functions are cac
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vfm_align.errors import Stopped
 from vfm_align.models.task_model import TaskModel
 from vfm_align.study import taskdata
 from vfm_align.study.backbones import FAMILIES, GridFeatures, fresh_backbone
@@ -23,6 +26,17 @@ from vfm_align.train.state import create_state, with_backbone
 from vfm_align.train.step import jit_train_step, make_eval_step, make_feature_step, make_train_step, task_loss
 
 _CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+_KEY_LOCKS: dict = {}
+
+
+def _build_cached(build, spec, cfg, steps: int, seed: int, mesh):
+    """Sharded initial state (kept on the host) and the jitted train / eval / feature steps of one run shape."""
+    gdef_t, gdef_e, state, sh, tx = create_state(build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
+    train = jit_train_step(make_train_step(gdef_t, task_loss(spec.kind, spec.loss), tx, kind=spec.kind,
+                                           seed=seed, augment=bool(cfg.augment)), sh, mesh)
+    return (sh, jax.device_get(state), train, make_eval_step(gdef_e, sh, mesh),
+            make_feature_step(gdef_e, sh, mesh, tuple(cfg.sites)))
 
 
 def build_task_model(family: str, backbone: nnx.Module, task: str, input_shape, cfg, seed: int) -> TaskModel:
@@ -34,9 +48,10 @@ def build_task_model(family: str, backbone: nnx.Module, task: str, input_shape, 
 
 
 def run_finetune(family: str, config, pretrained: nnx.Module | None, task: str, data: dict, probe: np.ndarray, cfg,
-                 mesh, *, seed: int, desc: str = "", progress: bool = True) -> dict:
+                 mesh, *, seed: int, desc: str = "", progress: bool = True, stop: threading.Event | None = None) -> dict:
     """Fine-tune a ``family`` backbone of ``config`` on ``task``, from ``pretrained`` weights or (None) from a
-    random initialisation; returns metric and alignment curves (plain Python values)."""
+    random initialisation; returns metric and alignment curves (plain Python values). Safe to call from
+    several threads at once; ``stop``, when set, ends the run at its next step with :class:`Stopped`."""
     spec = taskdata.get_spec(task, seed)
     input_shape = data["train"]["image"].shape[1:]
     steps = int(cfg.steps)
@@ -46,15 +61,12 @@ def run_finetune(family: str, config, pretrained: nnx.Module | None, task: str, 
     key = (family, config, spec.kind, spec.loss, spec.num_outputs, input_shape, steps, seed, bool(cfg.augment),
            int(cfg.head_hidden), int(cfg.slice_channel), int(cfg.slice_window), cfg.optim.to_json(sort_keys=True), tuple(mesh.shape.items()),
            tuple(d.id for d in mesh.devices.flat))
-    cached = _CACHE.get(key)
-    if cached is None:
-        gdef_t, gdef_e, state, sh, tx = create_state(build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
-        train = jit_train_step(make_train_step(gdef_t, task_loss(spec.kind, spec.loss), tx, kind=spec.kind,
-                                               seed=seed, augment=bool(cfg.augment)), sh, mesh)
-        cached = (sh, jax.device_get(state), train, make_eval_step(gdef_e, sh, mesh),
-                  make_feature_step(gdef_e, sh, mesh, tuple(cfg.sites)))
-        _CACHE[key] = cached
-    sh, initial, train_step, eval_step, feature_step = cached
+    with _CACHE_LOCK:
+        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:  # concurrent runs of one shape build its initial state and jitted steps once
+        if key not in _CACHE:
+            _CACHE[key] = _build_cached(build, spec, cfg, steps, seed, mesh)
+    sh, initial, train_step, eval_step, feature_step = _CACHE[key]
     state = jax.device_put(initial, sh)  # a fresh copy: the train step donates its input
     if pretrained is not None:
         state = with_backbone(state, GridFeatures(pretrained, family), sh)
@@ -74,6 +86,9 @@ def run_finetune(family: str, config, pretrained: nnx.Module | None, task: str, 
         curve.setdefault(k, []).append(v)
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
     for i in bar:
+        if stop is not None and stop.is_set():
+            bar.close()
+            raise Stopped(desc)
         idx = rng.choice(n, bs, replace=n < bs)
         batch = global_batch({"image": data["train"]["image"][idx], "target": data["train"]["target"][idx]}, mesh)
         state, m = train_step(state, batch)

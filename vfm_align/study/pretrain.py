@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from vfm_align.errors import ConfigError
+from vfm_align.errors import ConfigError, Stopped
 from vfm_align.model_io import read_sidecar, save_model
 from vfm_align.study.backbones import ARCHS, PRETRAIN_ARCHS, backbone_config, pretraining_model, saved_backbone
 from vfm_align.study.objectives import OBJECTIVE_FAMILIES, make_objective
@@ -50,23 +50,24 @@ def _step_fn(gdef, objective, tx, seed):
     return step
 
 
-def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool = True) -> dict:
+def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool = True, stop=None) -> dict:
     """Pretrain ``cfg.backbone`` with ``cfg.objective`` on ``data`` ("image" (N,D,H,W,3), "cancer" (N,D,H,W)).
 
     Writes the model directory ``out_dir`` (skipped when it already holds a finished model) and
-    returns its sidecar ``extra`` (loss curve, config).
+    returns its sidecar ``extra`` (loss curve, config). ``stop`` (a threading.Event): see run_pretraining.
     """
     if os.path.isdir(out_dir):
         return read_sidecar(out_dir).get("pretraining", {})
-    model, config, info = run_pretraining(cfg, data, progress=progress)
+    model, config, info = run_pretraining(cfg, data, progress=progress, stop=stop)
     save_pretrained(cfg.backbone, model, config, out_dir, info)
     return info
 
 
-def run_pretraining(cfg, data: dict[str, np.ndarray], *, progress: bool = True):
+def run_pretraining(cfg, data: dict[str, np.ndarray], *, progress: bool = True, stop=None):
     """The training part of :func:`pretrain`: (trained pretraining model in eval mode, its config, info dict).
 
     The model is what the objective trains (for ``profound_conv`` the whole FCMAE, decoder included).
+    ``stop``, when set (another run failed, or the study was interrupted), ends it early with ``Stopped``.
     """
     family = cfg.backbone
     if OBJECTIVE_FAMILIES.get(cfg.objective, family) != family:
@@ -87,6 +88,9 @@ def run_pretraining(cfg, data: dict[str, np.ndarray], *, progress: bool = True):
     curve = []
     bar = tqdm(range(steps), desc=f"pretrain {family}/{cfg.objective}", disable=not progress, leave=False)
     for i in bar:
+        if stop is not None and stop.is_set():
+            bar.close()
+            raise Stopped(f"pretraining {family}/{cfg.objective}")
         idx = rng.choice(n, bs, replace=n < bs)
         batch = global_batch({"image": data["image"][idx], "cancer": data["cancer"][idx]}, mesh)
         state, metrics = step(state, batch)

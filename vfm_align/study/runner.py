@@ -4,20 +4,23 @@ For each pair it records the final metric, the relative gain over the random-ini
 with the same budget, the steps to 90 % of the final improvement (convergence), and the in-loop
 alignment curves (MMD^2, CKA, drift) per feature site; then it correlates alignment with gain and
 with convergence across pairs. Each (backbone, task, init) result is written atomically to
-``runs/`` as it completes, so an interrupted study resumes where it stopped.
+``runs/`` as it completes, so an interrupted study resumes where it stopped. ``cfg.workers`` runs
+fine-tune at a time, in threads; the results do not depend on it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 from rich.console import Console
 
 from vfm_align import model_io
 from vfm_align.atomic import write_json
-from vfm_align.errors import ConfigError
+from vfm_align.errors import ConfigError, Stopped
 from vfm_align.study import taskdata
 from vfm_align.models.registry import config_from_dict
 from vfm_align.study.finetune import run_finetune, steps_to_fraction
@@ -40,18 +43,23 @@ def prepare_cohort(cfg, out_dir: str) -> dict:
 
 
 def _backbone_dirs(cfg, cohort, out_dir, console, progress) -> dict:
-    dirs = {}
-    train = cohort["split"] == "train"
-    data = {"image": cohort["image"][train], "cancer": (cohort["lesion"][train] > 0).astype(np.int32)}
+    """Model directory per backbone: given weights, or pretrained here (concurrently, ``cfg.workers`` at a time)."""
+    dirs, todo = {}, []
     for b in cfg.backbones:
         if b.get("weights"):
             dirs[b.name] = b.weights  # a converted or user-pretrained model directory
             continue
-        path = os.path.join(out_dir, "pretrained", b.name)
-        if not os.path.isdir(path):
-            console.log(f"pretraining {b.name} ({b.pretrain.backbone}, {b.pretrain.objective})")
-        pretrain(b.pretrain, data, path, progress=progress)
-        dirs[b.name] = path
+        dirs[b.name] = os.path.join(out_dir, "pretrained", b.name)
+        if not os.path.isdir(dirs[b.name]):
+            todo.append((b,))
+    train = cohort["split"] == "train"
+    data = {"image": cohort["image"][train], "cancer": (cohort["lesion"][train] > 0).astype(np.int32)}
+
+    def run_one(b, stop):
+        console.log(f"pretraining {b.name} ({b.pretrain.backbone}, {b.pretrain.objective})")
+        pretrain(b.pretrain, data, dirs[b.name], progress=progress, stop=stop)
+
+    run_concurrently(run_one, todo, int(cfg.get("workers", 1)))
     return dirs
 
 
@@ -78,32 +86,69 @@ def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
     probe = cohort["image"][probe_idx]
     task_data = {t: taskdata.make_task_data(cohort, t, seed=int(cfg.seed)) for t in cfg.tasks}
     todo = [(b, t, i) for b in cfg.backbones for t in cfg.tasks for i in INITS]
-    done = 0
-    for b, t, init in todo:
+    jobs = []
+    for k, (b, t, init) in enumerate(todo, 1):
         path = os.path.join(out_dir, "runs", run_key(b.name, t, init) + ".json")
-        done += 1
         if os.path.exists(path):
-            console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: done earlier, skipped")
-            continue
-        family = b.family
+            console.log(f"[{k}/{len(todo)}] {b.name} / {t} / {init}: done earlier, skipped")
+        else:
+            jobs.append((f"[{k}/{len(todo)}]", b, t, init, path))
+
+    def run_one(label, b, t, init, path, stop):
         meta = model_io.read_sidecar(dirs[b.name])
         config = config_from_dict(meta["arch"], meta["config"])
-        pretrained = model_io.load(dirs[b.name]) if init == "pretrained" else None
-        res = run_finetune(family, config, pretrained, t, task_data[t], probe, cfg.finetune, mesh, seed=int(cfg.seed),
-                           desc=f"[{done}/{len(todo)}] {b.name}/{t}/{init}", progress=progress)
+        pretrained = model_io.load(dirs[b.name]) if init == "pretrained" else None  # each run its own copy
+        res = run_finetune(b.family, config, pretrained, t, task_data[t], probe, cfg.finetune, mesh,
+                           seed=int(cfg.seed), desc=f"{label} {b.name}/{t}/{init}", progress=progress, stop=stop)
         tests = {}
         for s, (x, y) in res.pop("pairs").items():  # same inputs before/after: swap within pairs
             r = mmd_test(x, y, int(cfg.num_permutations), paired=True, num_features=int(cfg.finetune.rff_features),
                          seed=int(cfg.seed))
             tests[s] = {"statistic": float(r.statistic), "p_value": float(r.p_value),
                         "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0])}
-        write_json(path, {"backbone": b.name, "family": family, "task": t, "init": init, "tests": tests, **res})
-        console.log(f"[{done}/{len(todo)}] {b.name} / {t} / {init}: {res['metric_name']} {res['final_metric']:.4f}")
+        write_json(path, {"backbone": b.name, "family": b.family, "task": t, "init": init, "tests": tests, **res})
+        console.log(f"{label} {b.name} / {t} / {init}: {res['metric_name']} {res['final_metric']:.4f}")
+
+    run_concurrently(run_one, jobs, int(cfg.get("workers", 1)))
     results = summarise(cfg, out_dir)
     from vfm_align.study.report import write_report
 
     write_report(results, out_dir)
     return results
+
+
+def run_concurrently(fn, jobs, workers: int) -> None:
+    """``fn(*job, stop)`` for every job, ``workers`` at a time in threads, in order of submission.
+
+    Why threads: a fine-tune's steps are small XLA programs that leave much of a multi-core CPU
+    idle, and runs are independent, so two at a time finish ~1.4x sooner with identical results
+    (each run has its own state and random streams; XLA releases the GIL). The first error, or a
+    Ctrl-C, sets ``stop`` (runs check it every step) and is re-raised; finished runs stay saved.
+    """
+    stop = threading.Event()
+    if workers <= 1:
+        for job in jobs:
+            fn(*job, stop)
+        return
+    def guarded(*job):
+        if stop.is_set():  # queued behind a failure: do not start
+            raise Stopped(str(job[0]))
+        try:
+            return fn(*job, stop)
+        except BaseException:
+            stop.set()  # before this worker takes the next job
+            raise
+
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="study-run")
+    try:
+        futures = [ex.submit(guarded, *job) for job in jobs]
+        for f in as_completed(futures):
+            f.result()
+    except BaseException:
+        stop.set()
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
 
 
 def summarise(cfg, out_dir: str) -> dict:
