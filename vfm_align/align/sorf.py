@@ -103,8 +103,7 @@ def angle_blocks(x: jax.Array, sf: StructuredFrequencies) -> jax.Array:
     rows_in = -(-d // b)
     d1 = sf.signs[0].reshape(a * b)[:d]
     z = jnp.pad(x * d1, ((0, 0), (0, rows_in * b - d))).reshape(n, rows_in, b).transpose(1, 0, 2)
-    z = jnp.matmul(z, hb, precision=jax.lax.Precision.HIGHEST)
-    z = jnp.einsum("ij,jnk->ink", ha[:, :rows_in], z, precision=jax.lax.Precision.HIGHEST)
+    z = _apply_h(z, ha[:, :rows_in], hb)
     z = _apply_h(z * sf.signs[1], ha, hb)
     z = _apply_h(z[None] * sf.block_signs, ha, hb)
     return z * sf.scales
@@ -121,4 +120,3 @@ def angles(x: jax.Array, sf: StructuredFrequencies) -> jax.Array:
     """Angles of every row, (rows, num_bandwidths * num_features), same order as the dense x @ W."""
     z = angle_blocks(x, sf)  # (blocks, a, rows, b)
     return columns(jnp.moveaxis(z, 2, 0), sf)
-

@@ -4,8 +4,8 @@ For each pair it records the final metric, the relative gain over the random-ini
 with the same budget, the steps to 90 % of the final improvement (convergence), and the in-loop
 alignment curves (MMD^2, CKA, drift) per feature site; then it correlates alignment with gain and
 with convergence across pairs. Each (backbone, task, init) result is written atomically to
-``runs/`` as it completes, so an interrupted study resumes where it stopped. ``cfg.workers`` runs
-fine-tune at a time, in threads; the results do not depend on it.
+``runs/`` as it completes, so an interrupted study resumes where it stopped. ``cfg.workers`` fine-tunes
+run at a time, in threads; the results do not depend on it.
 """
 
 from __future__ import annotations
