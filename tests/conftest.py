@@ -1,4 +1,4 @@
-"""Test setup: an 8-device fake CPU mesh (set before JAX starts) and the golden fixtures."""
+"""Test setup: an 8-device fake CPU mesh (set before JAX starts), the golden fixtures and the parity check."""
 
 import os
 
@@ -15,22 +15,19 @@ import pytest
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
-def fixtures_path() -> pathlib.Path | None:
-    """The golden fixtures: $VFM_ALIGN_FIXTURES, else ../shared/fixtures beside the checkout."""
+def fixtures_path() -> pathlib.Path:
+    """The golden fixtures: tests/golden in the repository, or $VFM_ALIGN_FIXTURES to test against another set."""
     env = os.environ.get("VFM_ALIGN_FIXTURES")
-    candidates = [pathlib.Path(env)] if env else []
-    candidates += [_HERE.parent.parent / "shared" / "fixtures", _HERE.parent / "shared" / "fixtures"]
-    for c in candidates:
-        if (c / "README.md").is_file():
-            return c
-    return None
+    return pathlib.Path(env) if env else _HERE / "golden"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
+    # The fixtures are part of the repository: a missing one is an error, never a skip, so that a run
+    # without them cannot pass as a parity check.
     path = fixtures_path()
-    if path is None:
-        pytest.skip("golden fixtures not found: set VFM_ALIGN_FIXTURES or place them at ../shared/fixtures")
+    if not (path / "README.md").is_file():
+        pytest.fail(f"golden fixtures not found in {path} (tests/golden is part of the repository)", pytrace=False)
     return path
 
 
@@ -46,3 +43,41 @@ def golden(fixtures_dir):
         return cache[name]
 
     return _load
+
+
+# Every parity comparison made in this session: (test id, output, max abs error, max |reference|, allowed ratio).
+_PARITY_LOG: list[tuple[str, str, float, float, float]] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--parity-report", action="store_true",
+                     help="print the measured error of every parity comparison (to re-derive tolerances on this CPU)")
+
+
+@pytest.fixture
+def parity(request):
+    """parity(got, want, rel, what): max |got - want| <= rel * max |want|.
+
+    The bound scales with the reference's magnitude: float32 rounding differences (thread count, SIMD width,
+    reduction order) grow with the size of the numbers, so one relative bound holds for logits and losses alike.
+    """
+
+    def check(got, want, rel: float, what: str) -> float:
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert got.shape == want.shape, (what, got.shape, want.shape)
+        err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
+        _PARITY_LOG.append((request.node.nodeid, what, err, scale, rel))
+        assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel:g} x max |reference| {scale:.3g}"
+        return err
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not config.getoption("--parity-report") or not _PARITY_LOG:
+        return
+    tr = terminalreporter
+    tr.section("parity: max abs error / max |reference| (bound = allowed ratio)")
+    for nodeid, what, err, scale, rel in _PARITY_LOG:
+        ratio = err / scale if scale else float("inf")
+        tr.write_line(f"{ratio:9.2e}  bound {rel:7.1e}  abs {err:9.2e}  scale {scale:8.3g}  {nodeid.split('::')[-1]}: {what}")
