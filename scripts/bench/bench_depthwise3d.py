@@ -20,6 +20,7 @@ import numpy as np
 
 from vfm_align.models.ops3d import depthwise_conv3d
 from timing import sample_times
+import machine
 
 STAGES = [(96, 16, 56, 56), (192, 8, 28, 28), (384, 4, 14, 14), (768, 4, 14, 14)]
 
@@ -100,6 +101,7 @@ def main():
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__} backend {jax.default_backend()} cpus {os.cpu_count()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} float32 batch 1")
     rng = np.random.default_rng(0)
     for s in map(int, a.stages.split(",")):

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import machine
 
 
 
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     from vfm_align.data.phantom import make_phantom
     from vfm_align.data.tasks import get_task
 
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()} (on a shared machine timings are noisy)")
     print(f"cases {args.cases}, shape {shape}, batch {args.batch}, loader threads {args.threads}, workers {args.workers}, task {args.task}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,6 +28,7 @@ from flax import nnx
 
 import converters.profound_mae as pm
 from timing import interleaved_times, sample_times
+import machine
 
 E, DEPTH, HEADS, MLP = 768, 12, 12, 3072
 DE, DDEPTH, DMLP = 384, 8, 1536
@@ -111,6 +112,7 @@ def main():
     model, info = pm.convert(sd, {}, pm.ARCH, "<random mae_vit_base_patch16>")
     graphdef, state = nnx.split(model)
     encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__}, devices {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"python {platform.python_version()}, float32, reps {args.reps}")
     if not args.no_torch:

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 from timing import sample_times
+import machine
 
 D = 768
 
@@ -194,6 +195,7 @@ def main():
         return
     import jax
 
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
     for p in args.parts:
         out = subprocess.run([sys.executable, __file__, "--child", p], capture_output=True, text=True)

@@ -23,6 +23,7 @@ from flax import nnx
 from vfm_align.models.convnext3d import ConvNeXt3DConfig
 from vfm_align.models.registry import build_model
 from timing import sample_times
+import machine
 
 
 def torch_convnext(params, cfg):
@@ -117,6 +118,7 @@ def main():
 
     xn = rng.standard_normal((1, *size, 3)).astype(np.float32)
     x = jax.device_put(jnp.asarray(xn))
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__} backend {jax.default_backend()} dwconv_impl {a.dwconv_impl}; torch {torch.__version__} "
           f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}; input 1x3x{size[0]}x{size[1]}x{size[2]} float32")
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 from timing import interleaved_times
+import machine
 
 
 def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, regs: int = 4, classes: int = 4):
@@ -188,6 +189,7 @@ def main() -> None:
     print(f"attention: {'jax.nn.dot_product_attention (naive baseline)' if args.attention == 'xla' else 'project default'}")
     print(f"ProViCNet full size: depth {cfg.depth}, width {cfg.embed_dim}, MLP {cfg.mlp_hidden}, {cfg.num_heads} heads, "
           f"{cfg.num_registers} registers; batch {args.batch} x {args.size}x{args.size}x3 float32")
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__} ({jax.default_backend()}, {len(jax.devices())} device(s)), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")

@@ -27,6 +27,7 @@ from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import create_state
 from vfm_align.train.step import jit_train_step, make_feature_step, make_train_step, task_loss
+import machine
 
 
 def bench(backbone, task, variant, reps):
@@ -86,6 +87,7 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--backbones", default="profound_conv,provicnet")
     args = ap.parse_args()
+    print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {platform.processor() or platform.machine()}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, float32, variant {args.variant}, task {args.task}; "
           "no persistent compilation cache")
