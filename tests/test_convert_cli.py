@@ -23,7 +23,7 @@ def _weights(model):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
 
 
-def test_convert_save_load_roundtrip(fixtures_dir, golden, tmp_path, capsys):
+def test_convert_save_load_roundtrip(fixtures_dir, golden, tmp_path, capsys, parity):
     src = str(fixtures_dir / "provicnet_t2.pth")
     out = tmp_path / "t2"
     assert main(["convert", src, "--out", str(out), "--set", "num_heads=6"]) == 0
@@ -48,7 +48,7 @@ def test_convert_save_load_roundtrip(fixtures_dir, golden, tmp_path, capsys):
     with jax.default_matmul_precision("highest"):
         tokens = jax.jit(lambda s, x, p: nnx.merge(graphdef, s).patch_tokens(x, p))(
             state, jnp.asarray(g["x"].transpose(0, 2, 3, 1)), jnp.asarray(g["pos"]))
-    assert np.abs(np.asarray(tokens) - g["patch_tokens"]).max() <= 1e-4
+    parity(tokens, g["patch_tokens"], "patch_tokens after convert + load")
 
     # an existing output directory is refused and left as it was
     before = open(out / "vfm_align.json").read()

@@ -14,7 +14,6 @@ from vfm_align.errors import ConfigError, ConversionError
 from vfm_align.model_io import save_model
 from vfm_align.models.fcmae import FCMAE, FCMAEConfig, mask_from_noise, masked_patch_loss, patchify, random_mask
 
-TOL = 1e-4
 
 
 def cl(a):  # torch NCDHW -> channels-last
@@ -35,7 +34,7 @@ def upernet_model(fixtures_dir):
     return from_pytorch(fixtures_dir / "profound_conv_upernet.pth.tar")
 
 
-def test_classifier_parity(cls_model, golden):
+def test_classifier_parity(cls_model, golden, parity):
     g = golden("profound_conv_cls")
     model, info = cls_model
     assert info["arch"] == "profound_conv_cls"
@@ -47,15 +46,15 @@ def test_classifier_parity(cls_model, golden):
         # jit the whole forward: op-by-op dispatch of the 3D model is slow on CPU
         feats, logits = nnx.jit(lambda m, v: (m.encoder.features(v), m(v)))(model, x)
     for i in range(4):
-        np.testing.assert_allclose(cf(feats[f"stage{i}"]), g[f"stage{i}"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(feats["pooled"]), g["pooled_features"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(logits), g["logits"], atol=TOL, rtol=0)
+        parity(cf(feats[f"stage{i}"]), g[f"stage{i}"], f"stage{i}")
+    parity(feats["pooled"], g["pooled_features"], "pooled_features")
+    parity(logits, g["logits"], "logits")
     # patch tokens: stage-3 map flattened row-major over (D, H, W)
     s3 = g["stage3"]
-    np.testing.assert_allclose(np.asarray(feats["patch"]), s3.reshape(s3.shape[0], s3.shape[1], -1).transpose(0, 2, 1), atol=TOL)
+    parity(feats["patch"], s3.reshape(s3.shape[0], s3.shape[1], -1).transpose(0, 2, 1), "patch")
 
 
-def test_upernet_parity_eval_and_train(upernet_model, golden):
+def test_upernet_parity_eval_and_train(upernet_model, golden, parity):
     g = golden("profound_conv_upernet")
     model, info = upernet_model
     cfg = info["config"]
@@ -65,10 +64,10 @@ def test_upernet_parity_eval_and_train(upernet_model, golden):
     with jax.default_matmul_precision("highest"):
         logits, (low, aux_low), (main, aux) = nnx.jit(
             lambda m, v: (m(v), m.logits_lowres(v, train=True), m(v, train=True)))(model, x)
-    np.testing.assert_allclose(cf(logits), g["logits"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(cf(low), g["logits_lowres"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(cf(aux_low), g["train_aux_lowres"], atol=TOL, rtol=0)
-    np.testing.assert_allclose(cf(aux), g["train_aux"], atol=TOL, rtol=0)
+    parity(cf(logits), g["logits"], "logits")
+    parity(cf(low), g["logits_lowres"], "logits_lowres")
+    parity(cf(aux_low), g["train_aux_lowres"], "train_aux_lowres")
+    parity(cf(aux), g["train_aux"], "train_aux")
     np.testing.assert_array_equal(np.asarray(main), np.asarray(logits))
 
 

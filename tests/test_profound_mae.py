@@ -17,7 +17,6 @@ from vfm_align.errors import ConfigError, ConversionError, DataError
 from vfm_align.model_io import save_model
 from vfm_align.models.mae_vit3d import MaeViT3dConfig, patchify, unpatchify
 
-TOL = 1e-4
 HEADS = {"num_heads": 4, "decoder_num_heads": 3}  # the fixture's head counts; not stored in its weights
 
 # Jitted entry points: op-by-op eager dispatch is far slower than one compile on CI machines.
@@ -42,13 +41,6 @@ def converted(ckpt):
     return converters.from_pytorch(ckpt, **HEADS)
 
 
-def _close(a, b, tol=TOL):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape
-    err = float(np.abs(a - b).max())
-    assert err <= tol, f"max abs error {err}"
-
-
 def test_converter_infers_the_fixture_config(converted, g):
     model, info = converted
     cfg = json.loads(str(g["config_json"]))
@@ -71,14 +63,14 @@ def test_positional_tables_are_the_checkpoint_ones(converted, ckpt):
     np.testing.assert_array_equal(np.asarray(model.decoder_pos_embed.get_value()), sd["decoder_pos_embed"])
 
 
-def test_encoder_parity(converted, g):
+def test_encoder_parity(converted, g, parity):
     model, _ = converted
     with jax.default_matmul_precision("highest"):
         enc = _encode(model, g["x"])
-    _close(enc, g["encoder_output"])
+    parity(enc, g["encoder_output"], "encoder_output")
 
 
-def test_mae_forward_parity(converted, g):
+def test_mae_forward_parity(converted, g, parity):
     model, _ = converted
     noise, ratio = jnp.asarray(g["noise"]), float(g["mask_ratio"])
     with jax.default_matmul_precision("highest"):
@@ -88,10 +80,10 @@ def test_mae_forward_parity(converted, g):
     np.testing.assert_array_equal(np.asarray(ids_restore), g["ids_restore"])
     np.testing.assert_array_equal(np.asarray(mask), g["mask"])
     np.testing.assert_array_equal(np.asarray(mask2), g["mask"])
-    _close(latent, g["latent"])
-    _close(pred, g["pred"])
-    _close(loss, g["loss"])
-    _close(other, g["loss_other_norm_pix"])
+    parity(latent, g["latent"], "latent")
+    parity(pred, g["pred"], "pred")
+    parity(loss, g["loss"], "loss")
+    parity(other, g["loss_other_norm_pix"], "loss_other_norm_pix")
 
 
 def test_patchify_order_and_inverse(g):
@@ -100,24 +92,24 @@ def test_patchify_order_and_inverse(g):
     np.testing.assert_array_equal(np.asarray(unpatchify(p, (2, 4, 3), (4, 8, 8))), np.asarray(g["x"]))
 
 
-def test_patch_embedding_convolution_equals_the_patch_matmul(converted, g):
+def test_patch_embedding_convolution_equals_the_patch_matmul(converted, g, parity):
     model, _ = converted
     ref = np.asarray(g["target_patches"], np.float64) @ np.asarray(model.patch_embed.kernel.get_value(), np.float64)
     ref += np.asarray(model.patch_embed.bias.get_value())
-    _close(model.embed_patches(g["x"]), ref, tol=1e-5)
+    parity(model.embed_patches(g["x"]), ref, "embed_patches vs float64 matmul", rel=2e-6)
 
 
-def test_features_match_encode(converted, g):
+def test_features_match_encode(converted, g, parity):
     model, _ = converted
     with jax.default_matmul_precision("highest"):
         f = _features(model, g["x"])
     enc = g["encoder_output"]
-    _close(f["cls"], enc[:, 0])
-    _close(f["patch"], enc[:, 1:])
-    _close(f["pooled"], enc[:, 1:].mean(axis=1))
+    parity(f["cls"], enc[:, 0], "cls")
+    parity(f["patch"], enc[:, 1:], "patch")
+    parity(f["pooled"], enc[:, 1:].mean(axis=1), "pooled")
 
 
-def test_per_layer_features(converted, g):
+def test_per_layer_features(converted, g, parity):
     model, _ = converted
     with jax.default_matmul_precision("highest"):
         f = nnx.jit(lambda m, x: m.features(x, layers=True))(model, g["x"])
@@ -125,8 +117,8 @@ def test_per_layer_features(converted, g):
             [jnp.broadcast_to(model.cls_token.get_value() + model.pos_embed.get_value()[:, :1], (2, 1, 48)),
              model.patch_embed(patchify(g["x"], (4, 8, 8))) + model.pos_embed.get_value()[:, 1:]], axis=1))
     assert f["layers"].shape == (2, 2, 25, 48)
-    _close(f["layers"][:, 0], first)  # block 0 on the embedded tokens
-    _close(model.norm(f["layers"][:, -1]), g["encoder_output"])  # the last block, once normed, is the encoder output
+    parity(f["layers"][:, 0], first, "block 0 on the embedded tokens")
+    parity(model.norm(f["layers"][:, -1]), g["encoder_output"], "the last block, once normed, is the encoder output")
 
 
 def test_masking_from_rng_keeps_int_fraction(converted, g):
@@ -139,13 +131,13 @@ def test_masking_from_rng_keeps_int_fraction(converted, g):
         model(g["x"])
 
 
-def test_head_counts_from_checkpoint_args(ckpt, g):
+def test_head_counts_from_checkpoint_args(ckpt, g, parity):
     sd, extras = load_state_dict(ckpt)
     extras = {**extras, "args": {**extras["args"], **HEADS}}
     model, info = converters.convert_state_dict(sd, extras=extras, source=str(ckpt))
     assert info["config_origin"]["num_heads"] == "checkpoint args"
     with jax.default_matmul_precision("highest"):
-        _close(_encode(model, g["x"]), g["encoder_output"])
+        parity(_encode(model, g["x"]), g["encoder_output"], "encoder_output")
 
 
 def test_released_head_default_and_override_of_norm_pix(ckpt):
@@ -202,13 +194,13 @@ def test_input_shape_errors(converted, g, ckpt):
         _encode(open_grid, jnp.zeros((1, 8, 24, 30, 3)))
 
 
-def test_save_and_load_round_trip(converted, g, tmp_path):
+def test_save_and_load_round_trip(converted, g, tmp_path, parity):
     model, info = converted
     out = save_model(model, info["arch"], info["config"], tmp_path / "mae")
     loaded = vfm_align.load(out)
     assert loaded.config == info["config"]
     with jax.default_matmul_precision("highest"):
-        _close(_encode(loaded, g["x"]), g["encoder_output"])
+        parity(_encode(loaded, g["x"]), g["encoder_output"], "encoder_output after save/load")
 
 
 def _released_state_dict(fixtures_dir, materialise: bool):

@@ -16,7 +16,6 @@ from vfm_align.errors import ConfigError, ConversionError
 from vfm_align.models.layers import gelu
 from vfm_align.models.provicnet import load_stream_heads, resize_pos_table, upsample2_conv3x3
 
-TOL = 1e-4
 
 
 def _jit_method(model, name):
@@ -69,29 +68,29 @@ def test_config_inferred_from_shapes(t2):
     assert len(info["used"]) + len(info["ignored"]) == 64
 
 
-def test_pos_embed_resized_once_matches_torch(t2, golden):
+def test_pos_embed_resized_once_matches_torch(t2, golden, parity):
     model, _ = t2
-    assert _maxerr(model.pos_embed[...], golden("provicnet_t2")["pos_embed_interp"]) <= TOL
+    parity(model.pos_embed[...], golden("provicnet_t2")["pos_embed_interp"], "pos_embed_interp")
 
 
-def test_logits_parity(t2_out, golden):
+def test_logits_parity(t2_out, golden, parity):
     g = golden("provicnet_t2")
     assert t2_out["logits"].shape == (2, 256, 256, 4)
-    assert _maxerr(np.asarray(t2_out["logits"]).transpose(0, 3, 1, 2), g["logits"]) <= TOL
+    parity(np.asarray(t2_out["logits"]).transpose(0, 3, 1, 2), g["logits"], "logits")
 
 
-def test_tokens_parity(t2_out, golden):
+def test_tokens_parity(t2_out, golden, parity):
     g = golden("provicnet_t2")
     f = t2_out["features"]
-    assert _maxerr(f["patch"], g["patch_tokens"]) <= TOL
-    assert _maxerr(t2_out["tokens"][:, :7], g["prefix_tokens"]) <= TOL
-    assert _maxerr(f["cls"], g["prefix_tokens"][:, 0]) <= TOL
-    assert _maxerr(f["registers"], g["prefix_tokens"][:, 1:5]) <= TOL
-    assert _maxerr(f["pooled"], g["patch_tokens"].mean(axis=1)) <= TOL
-    assert _maxerr(f["patch_map"], g["patch_tokens"].reshape(2, 32, 32, 384)) <= TOL
+    parity(f["patch"], g["patch_tokens"], "patch_tokens")
+    parity(t2_out["tokens"][:, :7], g["prefix_tokens"], "prefix_tokens")
+    parity(f["cls"], g["prefix_tokens"][:, 0], "cls")
+    parity(f["registers"], g["prefix_tokens"][:, 1:5], "registers")
+    parity(f["pooled"], g["patch_tokens"].mean(axis=1), "pooled")
+    parity(f["patch_map"], g["patch_tokens"].reshape(2, 32, 32, 384), "patch_map")
 
 
-def test_slice_by_slice_and_batched_blocks_both_match_the_golden(t2, golden, monkeypatch):
+def test_slice_by_slice_and_batched_blocks_both_match_the_golden(t2, golden, monkeypatch, parity):
     """On one CPU device, eval mode runs the blocks one slice at a time (a scan over the 2 slices)
     and train mode batched; the suite's 8 fake devices keep the batched form everywhere. Both
     forms must give the golden tokens."""
@@ -120,12 +119,12 @@ def test_slice_by_slice_and_batched_blocks_both_match_the_golden(t2, golden, mon
     assert not scan_over_slices.search(jaxpr)
     results.append(tokens)
     for tokens in results:
-        assert _maxerr(tokens[:, 7:], g["patch_tokens"]) <= TOL
-        assert _maxerr(tokens[:, :7], g["prefix_tokens"]) <= TOL
+        parity(tokens[:, 7:], g["patch_tokens"], "patch_tokens")
+        parity(tokens[:, :7], g["prefix_tokens"], "prefix_tokens")
 
 
-def test_contrastive_head_parity(t2_out, golden):
-    assert _maxerr(t2_out["cl"], golden("provicnet_t2")["cl_output"]) <= TOL
+def test_contrastive_head_parity(t2_out, golden, parity):
+    parity(t2_out["cl"], golden("provicnet_t2")["cl_output"], "cl_output")
 
 
 def test_weight_norm_fold_matches_definition():
@@ -177,7 +176,7 @@ def test_other_input_size_uses_source_table(t2):
     assert out.shape == (1, 128, 128, 4) and bool(jnp.isfinite(out).all())
 
 
-def test_fusion_parity_and_stream_overwrite(fixtures_dir, golden, t2):
+def test_fusion_parity_and_stream_overwrite(fixtures_dir, golden, t2, parity):
     fusion, info = from_pytorch(fixtures_dir / "provicnet_fusion.pth")
     assert info["arch"] == "provicnet_fusion"
     cfg = info["config"]
@@ -187,11 +186,11 @@ def test_fusion_parity_and_stream_overwrite(fixtures_dir, golden, t2):
     with jax.default_matmul_precision("highest"):
         out = _jit_method(fusion, "__call__")(*tokens)
         assert out.shape == (2, 128, 128, 4)
-        assert _maxerr(np.asarray(out).transpose(0, 3, 1, 2), g["logits"]) <= TOL
+        parity(np.asarray(out).transpose(0, 3, 1, 2), g["logits"], "fusion logits")
         t2_model, _ = t2
         load_stream_heads(fusion, t2w=t2_model, adc=t2_model, dwi=t2_model)
         out2 = _jit_method(fusion, "__call__")(*tokens)
-    assert _maxerr(np.asarray(out2).transpose(0, 3, 1, 2), g["logits_streams_from_t2_head"]) <= TOL
+    parity(np.asarray(out2).transpose(0, 3, 1, 2), g["logits_streams_from_t2_head"], "fusion logits, streams from t2")
     assert _maxerr(out, out2) > 1e-2  # the overwrite really changed the streams
 
 

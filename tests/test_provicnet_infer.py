@@ -84,7 +84,7 @@ def test_normalisation_uses_gland_statistics():
     np.testing.assert_allclose(stacks[D - 1], expected[D - 3:].transpose(1, 2, 0), atol=1e-5)
 
 
-def test_predict_sequence_geometry_and_values(case):
+def test_predict_sequence_geometry_and_values(case, parity):
     model = _small_model()
     pred = predict_sequence(model, case["image_path"], case["gland_path"], batch_size=4, progress=False)
     assert pred.prob.shape == (D, H, W) and pred.prob.dtype == np.float32
@@ -101,7 +101,7 @@ def test_predict_sequence_geometry_and_values(case):
         state, stack, jnp.array([[5.0, D]]))
     cancer = probs[0, :, :, 2] + probs[0, :, :, 3]
     expected = jax.image.resize(cancer, (H, W), method="linear")
-    np.testing.assert_allclose(pred.prob[5], np.asarray(expected), atol=1e-4)
+    parity(pred.prob[5], expected, "slice 5 probability vs the model applied by hand", rel=5e-6)  # measured 4e-7
 
     paths = write_prediction(pred, case["dir"] / "out")
     for key, dtype in (("prob", np.float32), ("label", np.uint8)):
