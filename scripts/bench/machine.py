@@ -30,7 +30,8 @@ def vector_extensions() -> str:
 def describe(*modules) -> str:
     """'<CPU model> (<extensions>), <n> cores; python <v>[, <module> <v> ...]'."""
     versions = "".join(f", {m.__name__} {m.__version__}" for m in modules)
-    return f"{cpu_model()} ({vector_extensions()}), {os.cpu_count()} cores; python {platform.python_version()}{versions}"
+    cpu = f"{cpu_model()} ({vector_extensions()}), {os.cpu_count()} cores"
+    return f"{cpu}; python {platform.python_version()}{versions}"
 
 
 if __name__ == "__main__":
