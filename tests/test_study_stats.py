@@ -73,7 +73,7 @@ import math  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
 from vfm_align.study.gains import RANDOM_AT_CEILING, gap_closed, relative_gain  # noqa: E402
-from vfm_align.study.stats import (analyse, hierarchical_bootstrap, stratified_permutation_test,  # noqa: E402
+from vfm_align.study.stats import (analyse, describe_finding, hierarchical_bootstrap, stratified_permutation_test,  # noqa: E402
                                    within_task_comparison, _poisson_binomial)
 
 
@@ -138,6 +138,9 @@ def test_analyse_worked_example_by_hand():
     w = res["within_task"]["mmd2~gap_closed"]
     assert (w["agree"], w["compared"]) == (2, 3)
     assert w["p_value"] == pytest.approx(binomtest(2, 3, 0.5).pvalue)
+    text = describe_finding(res, "mmd2", "gap_closed", "pearson")
+    assert f"Pearson r {c['r']:+.2f}" in text and "in 2 of 3 task(s) (exact p = 1.000)" in text
+    assert "undefined (constant column" in describe_finding(res, "mmd2", "convergence_steps")
 
 
 def test_diverged_runs_are_excluded_with_reasons_and_counted():
@@ -255,3 +258,23 @@ def test_hierarchical_bootstrap_adds_the_seed_level_to_the_pairs_bootstrap():
     quiet = hierarchical_bootstrap([np.full(3, v) for v in mx], [np.full(3, v) for v in my], method="pearson",
                                    num_bootstrap=4000)
     assert width(quiet) == pytest.approx(pairs_only.ci_high - pairs_only.ci_low, rel=0.1)
+
+
+@pytest.mark.parametrize("measure, target, r, lo, hi, says", [
+    ("mmd2", "gap_closed", -0.8, -0.95, -0.3, "better alignment (mmd2) went with better gap_closed:"),
+    ("mmd2", "gap_closed", -0.2, -0.9, 0.5, "only as a tendency"),
+    ("mmd2", "gap_closed", 0.7, 0.2, 0.9, "the opposite of the paper's claim"),
+    ("cka", "gap_closed", 0.7, 0.2, 0.9, "better alignment (cka) went with better gap_closed:"),
+    ("mmd2", "convergence_steps", 0.7, 0.2, 0.9, "better alignment (mmd2) went with better convergence_steps:"),
+    ("mmd2", "gap_closed", 0.1, -0.6, 0.7, "did not go with better"),
+])
+def test_describe_finding_orients_measure_and_target(measure, target, r, lo, hi, says):
+    corr = {"r": r, "ci_low": lo, "ci_high": hi, "confidence": 0.95, "n": 10,
+            "within_backbone": {"r_within": r, "p_value": 0.04}}
+    stats = {"correlations": {f"{measure}~{target}/spearman": corr},
+             "within_task": {f"{measure}~{target}": {"agree": 4, "compared": 5, "ties_or_undefined": 0,
+                                                     "p_value": 0.375}},
+             "counts": {"runs_excluded": 2}}
+    text = describe_finding(stats, measure, target)
+    assert says in text and f"{r:+.2f}, 95% CI {lo:+.2f} to {hi:+.2f}" in text
+    assert "in 4 of 5 task(s) (exact p = 0.375)" in text and "2 run(s) were excluded" in text

@@ -405,12 +405,14 @@ def _num(v):
 def analyse(records, metric_info, *, measures=("mmd2",), targets=("gap_closed", "convergence_steps"),
             methods=("spearman", "pearson"), gain_floor: float = 0.05, confidence: float = 0.95,
             num_bootstrap: int = 2000, num_permutations: int = 10000, exact_limit: int = 20000,
-            seed: int = 0) -> dict:
+            seed: int = 0, aligned_when_lower=lambda m: not m.startswith("cka")) -> dict:
     """The study's statistics from per-run records (see the module note); a JSON-able dict.
 
     ``records``: dicts with backbone, task, seed, init ("pretrained" / "random"), final_metric,
     convergence_steps, each of ``measures`` (pretrained runs), diverged (bool), optional
     diverged_step and metric_name. ``metric_info``: task -> (ceiling, higher_is_better).
+    ``aligned_when_lower(measure)``: whether a lower value of the measure means better aligned (MMD\u00b2: yes,
+    CKA: no); it orients the within-task comparison.
     Returns {"pairs", "correlations", "within_task", "excluded", "counts", "flags", "settings"}.
     """
     records = list(records)
@@ -454,7 +456,8 @@ def analyse(records, metric_info, *, measures=("mmd2",), targets=("gap_closed", 
                 entry["within_backbone"] = test.to_dict()
                 entry["p_value"] = test.p_value
                 correlations[f"{measure}~{target}/{method}"] = entry
-    within = {f"{m}~{t}": within_task_comparison(usable, m, t, target_higher_is_better=(t != "convergence_steps"))
+    within = {f"{m}~{t}": within_task_comparison(usable, m, t, target_higher_is_better=not t.startswith("convergence"),
+                                                 measure_lower_is_better=aligned_when_lower(m))
               for m in measures for t in targets}
     n_runs = len(records)
     return {
@@ -470,3 +473,51 @@ def analyse(records, metric_info, *, measures=("mmd2",), targets=("gap_closed", 
                      "gain_floor": gain_floor, "num_bootstrap": num_bootstrap, "num_permutations": num_permutations,
                      "exact_limit": exact_limit, "seed": seed, "confidence": confidence},
     }
+
+
+def _fmt_corr(c: dict) -> str:
+    if c.get("r") is None:
+        return f"undefined ({c.get('undefined')})"
+    ci = (f", {c['confidence']:.0%} CI {c['ci_low']:+.2f} to {c['ci_high']:+.2f}" if c.get("ci_low") is not None
+          else ", no interval")
+    wb = c.get("within_backbone") or {}
+    p = (f"; within-backbone r {wb['r_within']:+.2f}, permutation p = {wb['p_value']:.3f}"
+         if wb.get("p_value") is not None else "; within-backbone test undefined")
+    return f"{c['r']:+.2f}{ci}{p}"
+
+
+def describe_finding(stats: dict, measure: str, target: str = "gap_closed", method: str = "spearman",
+                     *, aligned_when_lower: bool | None = None, target_higher_is_better: bool | None = None) -> str:
+    """The study's answer in two sentences, with its numbers; a direction only when the interval excludes 0.
+
+    By default a lower measure is better aligned unless it is a CKA, and a higher target is better
+    unless it is a step count."""
+    if aligned_when_lower is None:
+        aligned_when_lower = not measure.startswith("cka")
+    if target_higher_is_better is None:
+        target_higher_is_better = not target.startswith("convergence")
+    c = stats["correlations"][f"{measure}~{target}/{method}"]
+    w = stats["within_task"][f"{measure}~{target}"]
+    n = c["n"]
+    if c.get("r") is None:
+        direction = f"the relation of {measure} to {target} is undefined"
+    else:
+        clear = c.get("ci_low") is not None and (c["ci_low"] > 0 or c["ci_high"] < 0)
+        # Sign of "better aligned" times "better target": positive means alignment went with benefit.
+        better_aligned_gains = c["r"] * (-1 if aligned_when_lower else 1) * (1 if target_higher_is_better else -1) > 0
+        if clear and better_aligned_gains:
+            direction = f"better alignment ({measure}) went with better {target}"
+        elif clear:
+            direction = f"better alignment ({measure}) went with worse {target}, the opposite of the paper's claim"
+        elif better_aligned_gains:
+            direction = (f"better alignment ({measure}) went with better {target} only as a tendency that the data do "
+                         "not establish (the interval includes 0)")
+        else:
+            direction = f"better alignment ({measure}) did not go with better {target}"
+    within = (f"Within tasks, the better-aligned backbone also had the better {target} in {w['agree']} of "
+              f"{w['compared']} task(s)" + (f" (exact p = {w['p_value']:.3f}" if w.get("p_value") is not None else
+                                             " (undefined")
+              + (f"; {w['ties_or_undefined']} tie(s) or undefined left out)" if w["ties_or_undefined"] else ")"))
+    excl = stats["counts"]["runs_excluded"]
+    return (f"Across {n} (backbone, task) pairs, {direction}: {method.capitalize()} r {_fmt_corr(c)}. {within}."
+            + (f" {excl} run(s) were excluded (see 'excluded')." if excl else ""))
