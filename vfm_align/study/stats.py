@@ -135,7 +135,8 @@ def correlate(x, y, *, method: str = "spearman", confidence: float = 0.95, num_b
     boots = boots[np.isfinite(boots)]  # resamples with a constant column have no correlation
     alpha = (1.0 - confidence) / 2.0
     lo, hi = (np.quantile(boots, [alpha, 1.0 - alpha]) if len(boots) else (NAN, NAN))
-    order = np.stack([rng.permutation(n) for _ in range(num_permutations)]) if num_permutations else np.zeros((0, n), int)
+    order = (np.stack([rng.permutation(n) for _ in range(num_permutations)]) if num_permutations
+             else np.zeros((0, n), int))
     perms = fn(np.broadcast_to(x, order.shape), y[order])
     p = (1.0 + np.sum(np.abs(perms) >= abs(r) - 1e-12)) / (1.0 + num_permutations)
     return Correlation(method, float(r), float(lo), float(hi), float(p), n, confidence, num_bootstrap, num_permutations)
@@ -357,7 +358,10 @@ def seed_table(records, metric_info, *, measures=("mmd2",), gain_floor: float = 
             table.runs_excluded += 1
             table.excluded.append({"backbone": key[0], "task": key[1], "seed": key[2], "init": key[3],
                                    "reason": why})
-    units = sorted({k[:3] for k in runs})
+    first = {}
+    for k in runs:  # pairs in the order the records list them (config order), seeds ascending
+        first.setdefault(k[:2], len(first))
+    units = sorted({k[:3] for k in runs}, key=lambda u: (first[u[:2]], u[2]))
     for b, t, s in units:
         pre, rnd = runs.get((b, t, s, "pretrained")), runs.get((b, t, s, "random"))
         cols = table.units.setdefault((b, t), {"seed": [], **{c: [] for c in (
