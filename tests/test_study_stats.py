@@ -73,8 +73,8 @@ import math  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
 from vfm_align.study.gains import RANDOM_AT_CEILING, gap_closed, relative_gain  # noqa: E402
-from vfm_align.study.stats import (analyse, describe_finding, hierarchical_bootstrap, stratified_permutation_test,  # noqa: E402
-                                   within_task_comparison, _poisson_binomial)
+from vfm_align.study.stats import (_poisson_binomial, analyse, describe_finding, hierarchical_bootstrap,  # noqa: E402
+                                   resample_pairs, stratified_permutation_test, within_task_comparison)
 
 
 def test_constant_column_is_undefined_without_a_p_value():
@@ -222,7 +222,8 @@ def test_within_task_comparison_ties_and_exact_p():
     assert _poisson_binomial(probs) == pytest.approx(brute, abs=1e-15)
 
 
-def test_hierarchical_bootstrap_interval_covers_the_known_correlation():
+@pytest.mark.parametrize("strata", [None, [0] * 8 + [1] * 7])
+def test_hierarchical_bootstrap_interval_covers_the_known_correlation(strata):
     # 15 pairs with true values of correlation 0.6, three seeds each with noise 0.5: the pair means then
     # correlate at 0.6 / (1 + 0.25 / 3). A nominal 90 % interval should cover that about 90 % of the time.
     rng = np.random.default_rng(0)
@@ -232,7 +233,7 @@ def test_hierarchical_bootstrap_interval_covers_the_known_correlation():
         z = rng.multivariate_normal([0, 0], [[1, 0.6], [0.6, 1]], 15)
         xs = [z[i, 0] + 0.5 * rng.normal(size=3) for i in range(15)]
         ys = [z[i, 1] + 0.5 * rng.normal(size=3) for i in range(15)]
-        b = hierarchical_bootstrap(xs, ys, method="pearson", num_bootstrap=400, seed=r)
+        b = hierarchical_bootstrap(xs, ys, method="pearson", num_bootstrap=400, seed=r, strata=strata)
         lo, hi = np.quantile(b[np.isfinite(b)], [0.05, 0.95])
         hits += lo <= truth <= hi
     assert 0.83 <= hits / reps <= 0.97
@@ -278,3 +279,10 @@ def test_describe_finding_orients_measure_and_target(measure, target, r, lo, hi,
     text = describe_finding(stats, measure, target)
     assert says in text and f"{r:+.2f}, 95% CI {lo:+.2f} to {hi:+.2f}" in text
     assert "in 4 of 5 task(s) (exact p = 0.375)" in text and "2 run(s) were excluded" in text
+
+
+def test_stratified_resampling_keeps_each_backbone_count():
+    strata = np.array(["A", "A", "A", "B", "B"])
+    pick = resample_pairs(5, 300, np.random.default_rng(0), strata)
+    assert (strata[pick] == strata).all()  # position i always draws from its own stratum
+    assert set(np.unique(pick[:, :3])) == {0, 1, 2} and set(np.unique(pick[:, 3:])) == {3, 4}

@@ -12,8 +12,10 @@ Design note (what a reviewer can check):
   dropped silently and nothing is turned into a constant column: every exclusion is listed and counted.
 * Correlations are computed on pair means (one point per pair). Their interval is a percentile
   hierarchical bootstrap: resample pairs with replacement, then seed units with replacement within
-  each drawn pair, recompute the pair means and the correlation. Resamples whose correlation is
-  undefined (a constant column) are dropped and counted.
+  each drawn pair, recompute the pair means and the correlation. By default pairs are resampled
+  within their backbone (each resample keeps five tasks per backbone): the backbones are fixed by the
+  design, the tasks are the sample. Resamples whose correlation is undefined (a constant column) are
+  dropped and counted.
 * p-value. Pairs sharing a backbone are not exchangeable (a backbone's features carry into all its
   tasks), so the test permutes the measure only among the pairs of one backbone (strata). The
   statistic is the within-backbone correlation: values centred (Pearson) or ranked and centred
@@ -146,9 +148,25 @@ def correlate(x, y, *, method: str = "spearman", confidence: float = 0.95, num_b
 # Hierarchical bootstrap and the stratified permutation test
 
 
+def resample_pairs(num_pairs: int, num_bootstrap: int, rng, strata=None) -> np.ndarray:
+    """(num_bootstrap, num_pairs) pair indices drawn with replacement; with ``strata``, each stratum's
+    pairs are drawn from that stratum only, so every resample keeps the design's count per stratum."""
+    if strata is None:
+        return rng.integers(0, num_pairs, (num_bootstrap, num_pairs))
+    strata = np.asarray(strata)
+    if len(strata) != num_pairs:
+        raise DataError(f"{len(strata)} strata labels for {num_pairs} pairs")
+    pick = np.empty((num_bootstrap, num_pairs), int)
+    for s in np.unique(strata):
+        members = np.nonzero(strata == s)[0]
+        pick[:, members] = members[rng.integers(0, len(members), (num_bootstrap, len(members)))]
+    return pick
+
+
 def hierarchical_bootstrap(x_units, y_units, *, method: str = "spearman", num_bootstrap: int = 2000,
-                           seed: int = 0) -> np.ndarray:
-    """Correlations of pair means over resamples: pairs with replacement, then units within each pair.
+                           seed: int = 0, strata=None) -> np.ndarray:
+    """Correlations of pair means over resamples: pairs with replacement (within ``strata`` if given),
+    then units within each drawn pair.
 
     ``x_units[i]``, ``y_units[i]``: the matched per-seed values of pair i (equal lengths >= 1). Returns
     one correlation per resample, NaN where a resample's column is constant.
@@ -163,7 +181,7 @@ def hierarchical_bootstrap(x_units, y_units, *, method: str = "spearman", num_bo
     for i, (a, b) in enumerate(zip(x_units, y_units)):
         xs[i, :counts[i]], ys[i, :counts[i]] = a, b
     rng = np.random.default_rng(seed)
-    pick = rng.integers(0, p, (num_bootstrap, p))  # pairs
+    pick = resample_pairs(p, num_bootstrap, rng, strata)
     n = counts[pick][..., None]  # (B, P, 1) units in each drawn pair
     unit = np.minimum((rng.random((num_bootstrap, p, smax)) * n).astype(int), n - 1)  # units within the pair
     keep = np.arange(smax) < n
@@ -409,13 +427,15 @@ def _num(v):
 def analyse(records, metric_info, *, measures=("mmd2",), targets=("gap_closed", "convergence_steps"),
             methods=("spearman", "pearson"), gain_floor: float = 0.05, confidence: float = 0.95,
             num_bootstrap: int = 2000, num_permutations: int = 10000, exact_limit: int = 20000,
-            seed: int = 0, aligned_when_lower=lambda m: not m.startswith("cka")) -> dict:
+            seed: int = 0, aligned_when_lower=lambda m: not m.startswith("cka"),
+            stratify_bootstrap: bool = True) -> dict:
     """The study's statistics from per-run records (see the module note); a JSON-able dict.
 
     ``records``: dicts with backbone, task, seed, init ("pretrained" / "random"), final_metric,
     convergence_steps, each of ``measures`` (pretrained runs), diverged (bool), optional
     diverged_step and metric_name. ``metric_info``: task -> (ceiling, higher_is_better).
-    ``aligned_when_lower(measure)``: whether a lower value of the measure means better aligned (MMD\u00b2: yes,
+    ``stratify_bootstrap``: resample the pairs of each backbone among themselves (the backbones are fixed
+    by the design; the tasks are what varies). ``aligned_when_lower(measure)``: whether a lower value of the measure means better aligned (MMD\u00b2: yes,
     CKA: no); it orients the within-task comparison.
     Returns {"pairs", "correlations", "within_task", "excluded", "counts", "flags", "settings"}.
     """
@@ -448,12 +468,15 @@ def analyse(records, metric_info, *, measures=("mmd2",), targets=("gap_closed", 
                 entry["r"] = float(_METHODS[method](x, y))
                 boots = hierarchical_bootstrap([table.units[(p["backbone"], p["task"])][measure] for p in sel],
                                                [table.units[(p["backbone"], p["task"])][target] for p in sel],
-                                               method=method, num_bootstrap=num_bootstrap, seed=seed + 7919 * k)
+                                               method=method, num_bootstrap=num_bootstrap, seed=seed + 7919 * k,
+                                               strata=[p["backbone"] for p in sel] if stratify_bootstrap else None)
                 ok = boots[np.isfinite(boots)]
                 if len(ok):
                     entry["ci_low"], entry["ci_high"] = (float(q) for q in np.quantile(ok, [alpha, 1 - alpha]))
                 entry.update(num_bootstrap=num_bootstrap, num_bootstrap_undefined=int(len(boots) - len(ok)),
-                             interval="percentile, hierarchical bootstrap (pairs, then seeds within pairs)")
+                             interval="percentile, hierarchical bootstrap (pairs" + (" within backbone" if
+                                                                                     stratify_bootstrap else "")
+                             + ", then seeds within pairs)")
                 test = stratified_permutation_test(x, y, [p["backbone"] for p in sel], method=method,
                                                    num_permutations=num_permutations, seed=seed,
                                                    exact_limit=exact_limit)
