@@ -434,9 +434,10 @@ def analyse(records, metric_info, *, measures=("mmd2",), targets=("gap_closed", 
     ``records``: dicts with backbone, task, seed, init ("pretrained" / "random"), final_metric,
     convergence_steps, each of ``measures`` (pretrained runs), diverged (bool), optional
     diverged_step and metric_name. ``metric_info``: task -> (ceiling, higher_is_better).
-    ``stratify_bootstrap``: resample the pairs of each backbone among themselves (the backbones are fixed
-    by the design; the tasks are what varies). ``aligned_when_lower(measure)``: whether a lower value of the measure means better aligned (MMD\u00b2: yes,
-    CKA: no); it orients the within-task comparison.
+    ``stratify_bootstrap``: resample the pairs of each backbone among themselves (the backbones are
+    fixed by the design; the tasks are what varies). ``aligned_when_lower(measure)``: whether a lower
+    value of the measure means better aligned (MMD\u00b2: yes, CKA: no); it orients the within-task
+    comparison.
     Returns {"pairs", "correlations", "within_task", "excluded", "counts", "flags", "settings"}.
     """
     records = list(records)
