@@ -121,7 +121,7 @@ def write_report(results, out_dir: str) -> str:
     site = results["primary_site"]
     cols = ["backbone", "task", "metric", "final_pretrained", "final_random", "gain", "convergence_steps",
             f"mmd2_{site}", f"cka_{site}", f"p_value_{site}"]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    fmt = lambda v: "\u2014" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     rows = "".join("<tr>" + "".join(f"<td>{fmt(p[c])}</td>" for c in cols) + "</tr>" for p in results["pairs"])
     corr_rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{fmt(v.get('r', float('nan')))}</td><td>{fmt(v.get('ci_low', float('nan')))}"
