@@ -1,4 +1,10 @@
-"""Figures (PNG, matplotlib) and a self-contained report.html for a finished study."""
+"""Figures (PNG, matplotlib) and a self-contained report.html for a finished study.
+
+Two layouts. Results whose pair values are per-seed summaries ({"mean", "sd", ...}, from
+:func:`vfm_align.study.stats.analyse`) get the replicate layout: the design above the findings,
+figures with error bars (mean \u00b1 SD across seeds), the within-task comparison, the per-task table
+with mean \u00b1 SD, the exclusions. Results with one number per pair (one seed) keep the original layout.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import html
 import os
 
 import matplotlib
+import numpy as np
+
+from vfm_align.atomic import atomic_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,12 +64,18 @@ def _scatter(pairs, xkey, ykey, xlabel, ylabel, title, path):
 def _curves(results, task, path, sites):
     runs = [r for r in results["runs"].values() if r["task"] == task]
     fig, axes = plt.subplots(1, 1 + len(sites), figsize=(4.2 * (1 + len(sites)), 3.6))
-    for r in runs:
+    colors = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(r["backbone"] for r in runs))}
+    seen = set()
+    for r in runs:  # several seeds: one colour per backbone, one legend entry per (backbone, init)
         ls = "-" if r["init"] == "pretrained" else "--"
-        axes[0].plot(r["curve"]["step"], r["curve"]["metric"], ls, label=f"{r['backbone']} ({r['init']})")
+        first = (r["backbone"], r["init"]) not in seen
+        seen.add((r["backbone"], r["init"]))
+        axes[0].plot(r["curve"]["step"], r["curve"]["metric"], ls, color=colors[r["backbone"]],
+                     label=f"{r['backbone']} ({r['init']})" if first else None)
         if r["init"] == "pretrained":
             for ax, s in zip(axes[1:], sites):
-                ax.plot(r["curve"]["step"], r["curve"][f"align/{s}/mmd2"], label=r["backbone"])
+                ax.plot(r["curve"]["step"], r["curve"][f"align/{s}/mmd2"], color=colors[r["backbone"]],
+                        label=r["backbone"] if first else None)
     axes[0].set_title(f"{task}: {runs[0]['metric_name']}", fontsize=10)
     axes[0].set_xlabel("step")
     axes[0].legend(fontsize=7)
@@ -100,11 +115,13 @@ def _img(path):
 
 
 def write_report(results, out_dir: str) -> str:
+    if is_replicate_results(results):
+        return write_replicate_report(results, out_dir)
     figs = write_figures(results, out_dir)
     site = results["primary_site"]
     cols = ["backbone", "task", "metric", "final_pretrained", "final_random", "gain", "convergence_steps",
             f"mmd2_{site}", f"cka_{site}", f"p_value_{site}"]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    fmt = lambda v: "\u2014" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
     rows = "".join("<tr>" + "".join(f"<td>{fmt(p[c])}</td>" for c in cols) + "</tr>" for p in results["pairs"])
     corr_rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{fmt(v.get('r', float('nan')))}</td><td>{fmt(v.get('ci_low', float('nan')))}"
@@ -126,5 +143,258 @@ p-values: paired (within-pair swap) permutation test of the MMD.</p>
 </body></html>"""
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as fh:
+        fh.write(body)
+    return path
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The replicate layout: several seeds per pair, summaries {"mean", "sd", "n", "values"}
+
+
+def is_replicate_results(results) -> bool:
+    pairs = results.get("pairs") or []
+    return bool(pairs) and isinstance(pairs[0].get("gap_closed"), dict)
+
+
+def _mean(v):
+    return v.get("mean") if isinstance(v, dict) else v
+
+
+def _sd(v):
+    sd = v.get("sd") if isinstance(v, dict) else None
+    return 0.0 if sd is None else sd
+
+
+def mean_sd(v) -> str:
+    """"mean ± SD (n)" of a summary, "mean (n=1)" without spread, "—" when undefined."""
+    if not isinstance(v, dict):
+        return "\u2014" if v is None else f"{v:.4g}"
+    if v.get("mean") is None:
+        return "\u2014"
+    if v.get("sd") is None:
+        return f"{v['mean']:.4g} (n={v.get('n', 1)})"
+    return f"{v['mean']:.4g} \u00b1 {v['sd']:.2g}"
+
+
+def scatter_with_errors(pairs, xkey, ykey, xlabel, ylabel, title, path):
+    """Pair means with error bars of \u00b1 1 SD across seeds on both axes, one marker per backbone."""
+    pts = [{"backbone": p["backbone"], "task": p["task"], "x": _mean(p[xkey]), "y": _mean(p[ykey]),
+            "xe": _sd(p[xkey]), "ye": _sd(p[ykey])} for p in pairs
+           if _mean(p.get(xkey)) is not None and _mean(p.get(ykey)) is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for i, b in enumerate(dict.fromkeys(q["backbone"] for q in pts)):
+        sel = [q for q in pts if q["backbone"] == b]
+        ax.errorbar([q["x"] for q in sel], [q["y"] for q in sel], xerr=[q["xe"] for q in sel],
+                    yerr=[q["ye"] for q in sel], fmt=MARKERS[i % len(MARKERS)], ms=6, capsize=2, elinewidth=0.8,
+                    label=b)
+    if pts:
+        _label_points(ax, pts, "x", "y")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def within_task_figure(pairs, within: dict, measure: str, target: str, path: str):
+    """Per task, each backbone's measure (top) and target (bottom), mean \u00b1 SD; agreement under the tasks."""
+    tasks = list(dict.fromkeys(p["task"] for p in pairs))
+    backbones = list(dict.fromkeys(p["backbone"] for p in pairs))
+    verdict = {r["task"]: ("agree" if r["agree"] else "disagree") if r["agree"] is not None else
+               r.get("why", "undefined") for r in within.get("tasks", [])}
+    fig, axes = plt.subplots(2, 1, figsize=(1.6 * len(tasks) + 2.5, 5.2), sharex=True)
+    width = 0.7 / max(1, len(backbones))
+    for i, b in enumerate(backbones):
+        for ax, key in zip(axes, (measure, target)):
+            xs, ys, es = [], [], []
+            for j, t in enumerate(tasks):
+                p = next((q for q in pairs if q["backbone"] == b and q["task"] == t), None)
+                if p is not None and _mean(p.get(key)) is not None:
+                    xs.append(j + (i - (len(backbones) - 1) / 2) * width)
+                    ys.append(_mean(p[key]))
+                    es.append(_sd(p[key]))
+            ax.errorbar(xs, ys, yerr=es, fmt=MARKERS[i % len(MARKERS)], ms=6, capsize=2, color=f"C{i}",
+                        label=b if ax is axes[0] else None)
+    axes[0].set_ylabel(measure)
+    axes[1].set_ylabel(target)
+    axes[1].set_xticks(range(len(tasks)))
+    axes[1].set_xticklabels([f"{SHORT.get(t, t)}\n{verdict.get(t, '')}" for t in tasks], fontsize=8)
+    p = within.get("p_value")
+    axes[0].set_title(f"Within tasks: the better-aligned backbone also had the better {target} in "
+                      f"{within.get('agree', 0)} of {within.get('compared', 0)}"
+                      + (f" (exact p = {p:.3f})" if p is not None else ""), fontsize=9)
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _esc(v) -> str:
+    return html.escape(str(v))
+
+
+def _ids(ids, limit=12) -> str:
+    ids = list(ids)
+    head = ", ".join(map(str, ids[:limit]))
+    if len(ids) <= limit:
+        return _esc(head)
+    return (f"<details><summary>{_esc(head)}, \u2026 ({len(ids)} in all)</summary>"
+            f"{_esc(', '.join(map(str, ids)))}</details>")
+
+
+def design_html(design: dict) -> str:
+    """The design section: cohorts with case ids per split, probes, seeds, steps, model sizes, \u03c3 per pair."""
+    if not design:
+        return ""
+    rows = []
+    for label, key in (("pretraining cohort", "pretrain_cohort"), ("fine-tuning cohort", "finetune_cohort")):
+        c = design.get(key) or {}
+        splits = "; ".join(f"{s}: {n}" for s, n in (c.get("num_cases") or {}).items() if n)
+        ids = "".join(f"<div>{_esc(s)}: {_ids(v)}</div>" for s, v in (c.get("case_ids") or {}).items() if v)
+        rows.append(f"<tr><th>{label}</th><td>{_esc(c.get('manifest', ''))}<br>{_esc(splits)}{ids}</td></tr>")
+    probes = design.get("probe_case_ids", [])
+    splits = _esc(", ".join(design.get("probe_splits", [])))
+    rows.append(f"<tr><th>probe cases</th><td>{len(probes)} held-out ({splits}): {_ids(probes)}</td></tr>")
+    rows.append(f"<tr><th>seeds</th><td>{_esc(design.get('seeds', []))}</td></tr>")
+    rows.append("<tr><th>steps</th><td>" + _esc(", ".join(f"{k} {v}" for k, v in design.get("steps", {}).items()))
+                + "</td></tr>")
+    models = "; ".join(f"{k}: {v.get('params', 0):,} parameters" + (f" ({v['arch']})" if v.get("arch") else "")
+                       for k, v in design.get("models", {}).items())
+    rows.append(f"<tr><th>models</th><td>{_esc(models)}</td></tr>")
+    checks = ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in design.get("checks", {}).items())
+    if checks:
+        rows.append(f"<tr><th>checked</th><td>{_esc(checks)}</td></tr>")
+    sig = design.get("sigma", {})
+    if sig:
+        sites = sorted({s for v in sig.values() if isinstance(v, dict) for s in v})
+        body = "".join(f"<tr><td>{_esc(k)}</td>" + "".join(
+            f"<td>{v.get(s, float('nan')):.4g}</td>" if isinstance(v, dict) else f"<td>{v:.4g}</td>" for s in sites)
+            + "</tr>" for k, v in sig.items())
+        rows.append("<tr><th>kernel \u03c3 per pair</th><td><table><tr><th>pair</th>"
+                    + "".join(f"<th>{_esc(s)}</th>" for s in sites) + f"</tr>{body}</table></td></tr>")
+    return "<h2>Design</h2><table>" + "".join(rows) + "</table>"
+
+
+PAIR_COLUMNS = ("final_pretrained", "final_random", "gap_closed", "relative_gain", "convergence_steps",
+                "convergence_steps_random")
+
+
+def pairs_table_html(pairs, measures) -> str:
+    """The per-task table: mean \u00b1 SD across seeds of every column."""
+    cols = [c for c in (*PAIR_COLUMNS, *measures) if any(c in p for p in pairs)]
+    head = "<tr><th>backbone</th><th>task</th><th>metric</th><th>seeds</th>" + "".join(
+        f"<th>{_esc(c)}</th>" for c in cols) + "</tr>"
+    body = "".join(f"<tr><td>{_esc(p['backbone'])}</td><td>{_esc(p['task'])}</td><td>{_esc(p.get('metric') or '')}</td>"
+                   f"<td>{p.get('n_seeds', '')}</td>" + "".join(f"<td>{mean_sd(p.get(c))}</td>" for c in cols)
+                   + "</tr>" for p in pairs)
+    return f"<table>{head}{body}</table>"
+
+
+def _num(v, spec="+.2f"):
+    return "\u2014" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+
+def correlations_html(correlations: dict) -> str:
+    head = ("<tr><th>measure ~ target / method</th><th>pairs</th><th>r (pair means)</th><th>CI (hierarchical "
+            "bootstrap)</th><th>within-backbone r</th><th>p (within-backbone permutation)</th><th>note</th></tr>")
+    rows = []
+    for k, c in correlations.items():
+        wb = c.get("within_backbone") or {}
+        note = c.get("undefined") or wb.get("undefined") or ""
+        if c.get("pairs_left_out"):
+            note += f" left out: {', '.join(c['pairs_left_out'])}"
+        if wb.get("num_permutations"):
+            note += f" ({'exact, ' if wb.get('exact') else ''}{wb['num_permutations']} orderings)"
+        ci = (f"{_num(c.get('ci_low'))} to {_num(c.get('ci_high'))}" if c.get("ci_low") is not None else "\u2014")
+        rows.append(f"<tr><td>{_esc(k)}</td><td>{c.get('n', '')}</td><td>{_num(c.get('r'))}</td><td>{ci}</td>"
+                    f"<td>{_num(wb.get('r_within'))}</td><td>{_num(c.get('p_value'), '.3f')}</td>"
+                    f"<td>{_esc(note.strip())}</td></tr>")
+    null = next((c["within_backbone"]["null"] for c in correlations.values() if c.get("within_backbone")), "")
+    return f"<table>{head}{''.join(rows)}</table>" + (f"<p>Permutation null: {_esc(null)}.</p>" if null else "")
+
+
+def exclusions_html(results) -> str:
+    counts = results.get("counts", {})
+    excl = results.get("excluded", [])
+    flags = results.get("flags", [])
+    text = (f"<p>{counts.get('runs', 0)} runs; {counts.get('runs_excluded', 0)} excluded, "
+            f"{counts.get('seed_units_excluded', 0)} seed unit(s) without both runs left out.</p>")
+    if excl:
+        text += "<table><tr><th>backbone</th><th>task</th><th>seed</th><th>init</th><th>reason</th></tr>" + "".join(
+            f"<tr><td>{_esc(e['backbone'])}</td><td>{_esc(e['task'])}</td><td>{e['seed']}</td>"
+            f"<td>{_esc(e['init'])}</td><td>{_esc(e['reason'])}</td></tr>" for e in excl) + "</table>"
+    if flags:
+        text += "<p>Degenerate gains: " + _esc("; ".join(f"{f['backbone']}/{f['task']} seed {f['seed']}: {f['flag']}"
+                                                         for f in flags)) + "</p>"
+    return text
+
+
+def write_replicate_figures(results, out_dir: str, measure: str, target: str = "gap_closed") -> list[str]:
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    pairs = results["pairs"]
+    paths = [os.path.join(fig_dir, n) for n in ("alignment_vs_gain.png", "alignment_vs_convergence.png",
+                                               "within_task.png")]
+    scatter_with_errors(pairs, measure, target, f"{measure} (mean \u00b1 SD over seeds)",
+                        f"{target} (mean \u00b1 SD)", "Alignment vs gain (left = better aligned)", paths[0])
+    scatter_with_errors(pairs, measure, "convergence_steps", f"{measure}", "steps to 90% of final metric",
+                        "Alignment vs convergence", paths[1])
+    within_task_figure(pairs, results.get("within_task", {}).get(f"{measure}~{target}", {}), measure, target, paths[2])
+    runs = results.get("runs") or {}
+    sites = sorted({k.split("/")[1] for r in runs.values() for k in r.get("curve", {}) if k.startswith("align/")})
+    if runs:
+        for task in dict.fromkeys(p["task"] for p in pairs):
+            if any(r["task"] == task for r in runs.values()):
+                path = os.path.join(fig_dir, f"curves_{task}.png")
+                _curves(results, task, path, sites)
+                paths.append(path)
+    return paths
+
+
+def primary_measure(results) -> str:
+    """results["primary_measure"], else mmd2_<primary_site> or mmd2, whichever the pairs carry."""
+    if results.get("primary_measure"):
+        return results["primary_measure"]
+    site = results.get("primary_site")
+    pairs = results["pairs"]
+    return f"mmd2_{site}" if site and f"mmd2_{site}" in pairs[0] else "mmd2"
+
+
+def write_replicate_report(results, out_dir: str) -> str:
+    measure = primary_measure(results)
+    target = results.get("primary_target", "gap_closed")
+    figs = write_replicate_figures(results, out_dir, measure, target)
+    measures = [k for k in results["pairs"][0] if isinstance(results["pairs"][0][k], dict)
+                and k not in PAIR_COLUMNS]
+    finding = results.get("finding", "")
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>vfm-align transfer study</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}img{{max-width:100%}}
+.finding{{font-size:1.15em;background:#f3f6fa;padding:.8em}}</style>
+</head><body><h1>Does the pretraining objective fit the task?</h1>
+{design_html(results.get("design", {}))}
+<h2>Finding</h2><p class="finding">{_esc(finding)}</p>
+<p>Alignment = MMD\u00b2 (RFF, unbiased, Gaussian kernel with \u03c3 fixed per pair from the pretrained model's probe
+features) between the backbone's features on the held-out probe cases before and after fine-tuning. Gain = fraction of
+the gap to the metric's ceiling that pretraining closes, (pretrained \u2212 random init) / (ceiling \u2212 random init),
+per seed (pretrained and random-init runs of one seed share head initialisation and batch order); the relative gain
+(pretrained \u2212 random) / max(|random|, floor) is a secondary column. Final metrics on the test split; convergence
+(first evaluated step reaching 90% of the run's final improvement) on the validation split. Each pair: mean \u00b1 SD
+across seeds. Correlations on pair means; intervals from a hierarchical bootstrap (pairs, then seeds within pairs);
+p-values from permuting alignment among the tasks of one backbone.</p>
+<h2>Main figures</h2>{''.join(_img(f) for f in figs[:3])}
+<h2>Correlations</h2>{correlations_html(results.get("correlations", {}))}
+<h2>Per task (mean \u00b1 SD across seeds)</h2>{pairs_table_html(results["pairs"], measures)}
+<h2>Excluded runs</h2>{exclusions_html(results)}
+<h2>Learning and alignment curves</h2>{''.join(_img(f) for f in figs[3:])}
+</body></html>"""
+    path = os.path.join(out_dir, "report.html")
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:
         fh.write(body)
     return path
