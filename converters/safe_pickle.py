@@ -37,9 +37,13 @@ class Budget:
         self.used = 0
 
     def charge(self, nbytes: int, what: str) -> None:
+        if self.used + int(nbytes) > self.limit:
+            raise OverBudget(f"{what} would take the read past its memory bound of {self.limit} bytes")
         self.used += int(nbytes)
-        if self.used > self.limit:
-            raise PickleRefused(f"{what} would take the read past its memory bound of {self.limit} bytes")
+
+
+class OverBudget(PickleRefused):
+    """An allocation the budget refused (nothing was allocated, and nothing was charged)."""
 
 
 def _check_key(key: Any) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.safe_pickle import MAX_DEPTH, Budget, PickleRefused, loads
+from converters.safe_pickle import MAX_DEPTH, Budget, OverBudget, PickleRefused, loads
 from vfm_align.errors import CheckpointError
 
 try:  # bfloat16 checkpoints need a numpy dtype; ml_dtypes ships with jax.
@@ -226,9 +226,12 @@ class _TorchRead:
                         f"(torch.{stype.name}, {numel} elements) needs {nbytes} (truncated or corrupt?)")
         if info.header_offset + nbytes > self.file_bytes or self.data_bytes + nbytes > self.file_bytes:
             return _Bad(f"tensor data '{member}' does not fit in the file (overlapping or corrupt members?)")
-        self.data_bytes += nbytes
         swap = not dtype.isnative
-        self.budget.charge(nbytes * (2 if swap else 1), f"tensor data '{member}'")
+        try:
+            self.budget.charge(nbytes * (2 if swap else 1), f"tensor data '{member}'")
+        except OverBudget as exc:
+            return _Bad(str(exc))
+        self.data_bytes += nbytes
         with self.archive.open(info) as fh:
             raw = fh.read(nbytes)
         if len(raw) != nbytes:
@@ -247,7 +250,7 @@ class _TorchRead:
             raise PickleRefused(f"tensor built from a {type(storage).__name__}, not a storage")
         try:
             return _view(storage, storage_offset, size, stride, self.budget)
-        except CheckpointError as exc:
+        except (CheckpointError, OverBudget) as exc:
             bad = _Bad(str(exc))
             self.bad.append(bad)
             return bad
