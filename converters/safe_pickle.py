@@ -15,7 +15,8 @@ import collections
 import io
 import pickletools
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 MAX_DEPTH = 64  # containers nested deeper than this are refused (hashing deep tuples recurses in C)
 MAX_TUPLE_KEY = 8  # a tuple used as a dict key or set element holds at most this many scalars

@@ -1,10 +1,10 @@
 """Read PyTorch checkpoints as numpy arrays without torch and without running pickled code.
 
 torch.save writes a zip archive: ``<name>/data.pkl`` holds a pickle of the object tree, and each tensor's bytes
-live, uncompressed, in ``<name>/data/<key>``. The pickle names a handful of globals (``torch._utils._rebuild_tensor_v2``,
-``torch.FloatStorage``, ...). :mod:`converters.safe_pickle` maps an allow-list of names onto inert local stand-ins,
-refuses everything else (naming the offending global) and builds nothing but plain data. ``.safetensors`` files
-carry no code at all and are read with the safetensors library.
+live, uncompressed, in ``<name>/data/<key>``. The pickle names a handful of globals
+(``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage``, ...). :mod:`converters.safe_pickle` maps an
+allow-list of names onto inert local stand-ins, refuses everything else (naming the offending global) and builds
+nothing but plain data. ``.safetensors`` files carry no code at all and are read with the safetensors library.
 
 What any file, however crafted, can do to a read:
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,7 +304,7 @@ def read_torch(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: {msg}") from exc
     except PickleRefused as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 -- whatever a malformed file triggers is the file's fault
+    except Exception as exc:  # whatever a malformed file triggers is the file's fault
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
@@ -410,7 +409,7 @@ def _read_safetensors(path: str, file_bytes: int) -> Checkpoint:
                               f"(or exceeds {MAX_SAFETENSORS_HEADER})")
     try:
         tensors = load_file(path)
-    except Exception as exc:  # noqa: BLE001 -- SafetensorError, or numpy refusing a dtype
+    except Exception as exc:  # SafetensorError, or numpy refusing a dtype
         raise CheckpointError(f"{path}: unreadable safetensors file ({type(exc).__name__}: {exc})") from exc
     return Checkpoint(path=path, obj=collections.OrderedDict(tensors), meta={"format": "safetensors"})
 

@@ -35,10 +35,10 @@ import pytest
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
-from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip  # noqa: E402
+from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip
 
-from converters.torch_reader import extract_state_dict, memory_bound, read_torch  # noqa: E402
-from vfm_align.errors import CheckpointError  # noqa: E402
+from converters.torch_reader import extract_state_dict, memory_bound, read_torch
+from vfm_align.errors import CheckpointError
 
 DEFAULT_CASES = 300
 SLOW_CASES = 6000
@@ -366,7 +366,7 @@ def run_child(tmp_path: pathlib.Path, *args: str) -> dict:
     cwd = tmp_path / "cwd"
     cwd.mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--workdir", str(work), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=1800)
+                          cwd=cwd, capture_output=True, text=True, timeout=1800, check=False)
     progress = work / "progress.txt"
     last = progress.read_text() if progress.exists() else ""
     assert proc.returncode == 0, f"child died (rc {proc.returncode}) during: {last}\n{proc.stderr[-3000:]}"
@@ -385,8 +385,7 @@ def _check(results: list[dict]) -> collections.Counter:
 # ---- tests -----------------------------------------------------------------------------------------------------
 
 
-def test_mutators_are_reproducible(fixtures_dir):
-    sources = _sources(fixtures_dir)
+def test_mutators_are_reproducible(sources):
     for i in range(12):
         assert make_case(5, i, sources) == make_case(5, i, sources)
     assert make_case(5, 0, sources)[1] != make_case(6, 0, sources)[1] or make_case(5, 1, sources) != make_case(
@@ -412,6 +411,37 @@ def test_fuzz_default_tier(tmp_path, fixtures_dir):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fuzz_slow_tier(tmp_path, fixtures_dir, seed):
     _fuzz(tmp_path, fixtures_dir, seed=seed, cases=SLOW_CASES // 3)
+
+
+# Cases the default fuzzer found against the previous reader (which used pickle.Unpickler and a bounds check
+# that ignored negative strides), pinned by seed, index and the mutation they draw. Each used to end as noted.
+_FOUND = [
+    (11, 95, "provicnet_fusion.pth", "pickle opcode #478 BINUNICODE->b'\\x8e'", "MemoryError (memo sized by the file)"),
+    (11, 163, "provicnet_fusion.pth", "pickle opcode #1066 BINUNICODE->b'e'", "AttributeError"),
+    (11, 187, "small_be.pth", "pickle int #223 1->-2147483648", "segmentation fault (negative stride)"),
+    (11, 226, "small_be.pth", "pickle int #63 1->-4611686018427387904", "segmentation fault (negative stride)"),
+    (11, 252, "small_be.pth", "pickle swap #58,#143", "AttributeError"),
+    (11, 552, "small_be.pth", "pickle int #185 5->2147483647", "MemoryError (a 24 GiB zero-stride copy)"),
+    (11, 554, "profound_conv_cls.pth.tar", "pickle int #2463 0->9223372036854775807", "IndexError"),
+    (11, 936, "profound_conv_cls.pth.tar", "pickle int #1087 128->-4611686018427387904", "OverflowError"),
+    (11, 1118, "small.pth", "pickle duplicate #241 EMPTY_DICT", "AttributeError"),
+    (11, 1223, "small.pth", "pickle int #36 1->-2147483648", "segmentation fault (negative stride)"),
+]
+
+
+@pytest.fixture(scope="module")
+def sources(fixtures_dir):
+    return _sources(fixtures_dir)
+
+
+@pytest.mark.parametrize("seed,case,source,what,used_to", _FOUND, ids=[f"seed{s}-case{c}" for s, c, *_ in _FOUND])
+def test_fuzz_findings_stay_fixed(tmp_path, sources, seed, case, source, what, used_to):
+    name, data, drawn = make_case(seed, case, sources)
+    assert (name, drawn) == (source, what), "the mutators changed: re-pin these cases from a fresh fuzz run"
+    path = tmp_path / ("case.safetensors" if name.endswith(".safetensors") else "case.pth")
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=str(path)):
+        extract_state_dict(read_torch(path))  # where the previous reader ended in `used_to`
 
 
 def _crafted_files(tmp: pathlib.Path) -> list[pathlib.Path]:

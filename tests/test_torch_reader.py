@@ -1,12 +1,18 @@
 """The safe checkpoint reader: real torch files load, code-carrying pickles load nothing and run nothing."""
 
+import collections
+import json
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
+from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip
 
-from converters.torch_reader import Namespace, extract_state_dict, load_state_dict, read_torch
+from converters.torch_reader import (MAX_PICKLE_BYTES, Namespace, extract_state_dict, load_state_dict, memory_bound,
+                                     read_torch)
 from vfm_align.errors import CheckpointError
 
 
@@ -109,14 +115,6 @@ def test_state_dict_container_unwrap():
 
 # ---- crafted files: every one ends in CheckpointError naming the file (and the tensor, where known) ----------
 
-import collections  # noqa: E402
-import json  # noqa: E402
-import struct  # noqa: E402
-import zlib  # noqa: E402
-
-from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip  # noqa: E402
-
-from converters.torch_reader import MAX_PICKLE_BYTES, memory_bound  # noqa: E402
 
 
 def _view_file(tmp_path, n, offset, size, stride, dtype=np.float32, name="v.pth"):
@@ -302,7 +300,7 @@ def test_archive_structure_is_checked(tmp_path, fixtures_dir):
     good = state_dict(w=np.ones(3, np.float32))
     # Names are matched exactly: a look-alike pickle name is not the checkpoint's record.
     path = tmp_path / "lookalike.pth"
-    pkl, storages = torch_pickle(good)
+    pkl, _ = torch_pickle(good)
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/evildata.pkl", pkl)
     with pytest.raises(CheckpointError, match="expected one '<name>/data.pkl' record, found 0"):
@@ -334,7 +332,7 @@ def test_archive_structure_is_checked(tmp_path, fixtures_dir):
     entry = entry[:-1] + b"1"
     eocd = blob.index(b"PK\x05\x06")
     tail = blob[eocd:]
-    n, size_cd, off = struct.unpack("<H", tail[10:12])[0], *struct.unpack("<LL", tail[12:20])
+    n, size_cd = struct.unpack("<H", tail[10:12])[0], struct.unpack("<L", tail[12:16])[0]
     tail[8:12] = struct.pack("<HH", n + 1, n + 1)
     tail[12:16] = struct.pack("<L", size_cd + len(entry))
     path.write_bytes(bytes(blob[:eocd] + entry + tail))
