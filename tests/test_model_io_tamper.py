@@ -5,6 +5,7 @@ import pathlib
 import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -15,7 +16,6 @@ from vfm_align.models.convnext3d import ConvNeXt3DConfig
 from vfm_align.models.registry import build_model
 
 SMALL = ConvNeXt3DConfig(in_chans=1, depths=(1, 1, 1, 1), dims=(4, 8, 8, 8))
-WIDER = ConvNeXt3DConfig(in_chans=1, depths=(1, 1, 1, 1), dims=(4, 8, 8, 16))
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,14 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("model_io")
     model = build_model("profound_conv", SMALL, rngs=nnx.Rngs(3))
     good = pathlib.Path(save_model(model, "profound_conv", SMALL, root / "good"))
-    wider = pathlib.Path(save_model(build_model("profound_conv", WIDER), "profound_conv", WIDER, root / "wider"))
-    return {"root": root, "good": good, "wider": wider, "model": model}
+    # The same weights with two arrays of other shapes, written by Orbax as a model directory's params/ would be.
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    pure["norm"]["scale"] = np.ones(16, np.float32)
+    pure["stages"][3][0]["pwconv1"]["kernel"] = np.zeros((8, 64), np.float32)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(root / "misshaped", pure)
+        ckptr.wait_until_finished()
+    return {"root": root, "good": good, "misshaped": root / "misshaped", "model": model}
 
 
 def _copy(saved, tmp_path, name="m"):
@@ -93,12 +99,14 @@ def test_garbage_sidecar(saved, tmp_path, text, why):
 
 
 def test_tampered_orbax_arrays(saved, tmp_path):
-    # Arrays of another model's shapes under an intact sidecar: refused by name before anything is restored.
+    # Arrays of other shapes under an intact sidecar: refused by name before anything is restored.
     path = _copy(saved, tmp_path, "swapped")
     shutil.rmtree(path / "params")
-    shutil.copytree(saved["wider"] / "params", path / "params")
-    with pytest.raises(CheckpointError, match=rf"(?s){path}: the stored weights do not fit .* array 'stages/3/"):
+    shutil.copytree(saved["misshaped"], path / "params")
+    with pytest.raises(CheckpointError, match=rf"{path}: the stored weights do not fit .*2 problem") as err:
         vfm_align.load(path)
+    assert "array 'norm/scale' is (16,) float32, the 'profound_conv' model needs (8,) float32" in str(err.value)
+    assert "array 'stages/3/0/pwconv1/kernel' is (8, 64) float32" in str(err.value)
     # One array struck from Orbax's index of the tree: named as missing.
     path = _copy(saved, tmp_path, "struck")
     index = json.loads((path / "params" / "_METADATA").read_text())
