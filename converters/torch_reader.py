@@ -118,6 +118,16 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
     return data
 
 
+def _short(x: Any) -> str:
+    """A file's value for a message: huge integers (whose repr Python refuses) and long tuples abbreviated."""
+    if type(x) is int and x.bit_length() > 64:
+        return f"<{x.bit_length()}-bit integer>"
+    if type(x) is tuple:
+        inner = ", ".join(_short(v) for v in x[:8]) + (", ..." if len(x) > 8 else "," if len(x) == 1 else "")
+        return f"({inner})"
+    return repr(x)[:80]
+
+
 def _is_index(x: Any) -> bool:
     return type(x) is int and 0 <= x < (1 << 62)
 
@@ -128,7 +138,7 @@ def _view(storage: np.ndarray, offset: Any, size: Any, stride: Any, budget: Budg
     Every element the view reads must lie inside the storage. A contiguous view shares the storage's memory; any
     other (transposed, expanded with zero strides) is copied, and the copy is charged to the read's budget first.
     """
-    where = f"(offset {offset!r}, size {size!r}, stride {stride!r})"
+    where = f"(offset {_short(offset)}, size {_short(size)}, stride {_short(stride)})"
     if type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride) or len(size) > MAX_NDIM:
         raise CheckpointError(f"tensor view {where}: size and stride must be tuples of equal length <= {MAX_NDIM}")
     if not (_is_index(offset) and all(map(_is_index, size)) and all(map(_is_index, stride))):
@@ -212,7 +222,7 @@ class _TorchRead:
         member = f"{self.prefix}data/{key}"
         dtype = stype.dtype.newbyteorder(_BYTEORDERS[self.byteorder])
         if not _is_index(numel):
-            return _Bad(f"storage '{member}' declares {numel!r} elements")
+            return _Bad(f"storage '{member}' declares {_short(numel)} elements")
         nbytes = numel * dtype.itemsize
         try:
             info = self.archive.getinfo(member)
