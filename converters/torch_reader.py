@@ -200,13 +200,15 @@ class _TorchRead:
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
+        if not (type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and pid[0] == "storage"):
             raise PickleRefused(f"unsupported persistent id of type {type(pid).__name__}")
         _, stype, key, _location, numel = pid
         if not isinstance(stype, _StorageType):
             raise PickleRefused(f"storage has unknown type {type(stype).__name__}")
         if type(key) is not str or not _STORAGE_KEY.fullmatch(key):
             raise PickleRefused("storage key is not a short alphanumeric name")
+        if type(numel) is not int:
+            raise PickleRefused(f"storage {key} declares a {type(numel).__name__} as its element count")
         if key in self.storages:
             seen_type, seen_numel, storage = self.storages[key]
             if seen_type != stype or seen_numel != numel:
