@@ -15,11 +15,13 @@ What any file, however crafted, can do to a read:
   (not compressed), of exactly the size their storage declares, and together no larger than the file; the pickle
   is inflated at most to its declared size, itself at most ``MAX_PICKLE_BYTES``. Every tensor view must read only
   elements inside its storage (strides non-negative; zero strides, as ``expand`` writes them, are copied and
-  charged).
+  charged). A ``.safetensors`` file's header is at most ``MAX_SAFETENSORS_HEADER`` and must fit the file; the
+  library then checks dtypes, shapes and offsets and copies each tensor once (F bytes in all).
 - **One error type**: anything a malformed file triggers surfaces as :class:`CheckpointError` naming the file and,
   where known, the tensor's key.
-- **No state carried over**: every read builds its own storages, memo and objects; the allow-listed stand-ins are
-  immutable and a pickle BUILD on them is refused, so no file changes how a later file is read.
+- **No state carried over**: every read builds its own storages, memo and objects. The allow-listed stand-ins are
+  never modified: the pickle machine calls them but applies BUILD (and sets items) only to containers and
+  Namespace objects the file itself created, so no file changes how a later file is read.
 """
 
 from __future__ import annotations

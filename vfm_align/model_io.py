@@ -130,7 +130,7 @@ def load(model_dir: str | os.PathLike) -> nnx.Module:
     try:
         config = config_from_dict(arch, config)
         abstract = nnx.eval_shape(lambda: build_model(arch, config))
-    except Exception as exc:  # noqa: BLE001 -- ConfigError, or a builder refusing the values
+    except Exception as exc:  # ConfigError, or a builder refusing the values
         raise CheckpointError(f"{sidecar}: its config does not describe a '{arch}' model "
                               f"({type(exc).__name__}: {exc})") from exc
     expected = nnx.to_pure_dict(_weights(abstract))
@@ -138,7 +138,7 @@ def load(model_dir: str | os.PathLike) -> nnx.Module:
     try:
         with _IO_LOCK, ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(params).item_metadata.tree
-    except Exception as exc:  # noqa: BLE001 -- whatever Orbax raises on a missing or tampered directory
+    except Exception as exc:  # whatever Orbax raises on a missing or tampered directory
         raise CheckpointError(f"{model_dir}: cannot read the weights' metadata ({type(exc).__name__}: {exc})") from exc
     _check_weights_fit(model_dir, arch, expected, stored)
     model = build_model(arch, config)
@@ -149,7 +149,7 @@ def load(model_dir: str | os.PathLike) -> nnx.Module:
             restored = ckptr.restore(params, abstract_target)
         state = _weights(model)
         nnx.replace_by_pure_dict(state, restored)
-    except Exception as exc:  # noqa: BLE001 -- array data missing or corrupt behind intact metadata
+    except Exception as exc:  # array data missing or corrupt behind intact metadata
         raise CheckpointError(f"{model_dir}: cannot restore weights ({type(exc).__name__}: {exc})") from exc
     nnx.update(model, state)
     return model
