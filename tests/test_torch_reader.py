@@ -103,6 +103,15 @@ def test_safetensors_and_containers(tmp_path):
     assert extras["stripped_prefix"] == "module."
 
 
+def test_sets_in_protocol_2_checkpoints(tmp_path):
+    # torch.save pickles at protocol 2, where Python 3 names builtins '__builtin__'.
+    write_torch_zip(tmp_path / "s.pth", {"model": state_dict(w=np.ones(2, np.float32)), "tags": {"a", "b"},
+                                        "frozen": frozenset({1}), "window": slice(1, 9, 2)})
+    obj = read_torch(tmp_path / "s.pth").obj
+    assert obj["tags"] == {"a", "b"} and obj["frozen"] == frozenset({1}) and obj["window"] == slice(1, 9, 2)
+    assert b"c__builtin__\nset" in zipfile.ZipFile(tmp_path / "s.pth").read("archive/data.pkl")
+
+
 def test_state_dict_container_unwrap():
     from converters.torch_reader import Checkpoint
 
@@ -382,3 +391,31 @@ def test_torch_written_views_read_exactly(tmp_path):
     for k, v in sd.items():
         np.testing.assert_array_equal(got[k], v.detach().numpy(), err_msg=k)
         assert got[k].dtype == v.detach().numpy().dtype, k
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_safe_pickle_reads_plain_data_as_pickle_does(protocol):
+    # The stdlib unpickler is the independent expectation for plain data, at every protocol.
+    from converters.safe_pickle import Budget, PickleRefused, loads
+
+    obj = {"list": [1, -5, 2.5, "x\u00e9", None, True, False, 2**70, -(2**40)], "tuple": (1, (2, (3,)), ()),
+           "set": {1, 2, "a"}, "frozen": frozenset({"b", (1, 2)}), "od": collections.OrderedDict(a=1, b=[2]),
+           7: {"nested": {"deeper": [[]]}}, ("k", 1): "tuple key", "empty": {}}
+    if protocol >= 3:
+        obj["bytes"] = b"\x00\xff"
+    shared = [1, 2]
+    obj["shared"] = (shared, shared)
+    allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
+               ("builtins", "frozenset"): frozenset, ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset}
+
+    def find_class(module, name):
+        if (module, name) not in allowed:
+            raise PickleRefused(f"{module}.{name}")
+        return allowed[(module, name)]
+
+    data = pickle.dumps(obj, protocol=protocol)
+    got, ops = loads(data, budget=Budget(1 << 20), find_class=find_class, persistent_load=None)
+    assert got == pickle.loads(data) and ops > 10
+    assert got["shared"][0] is got["shared"][1]  # the memo is honoured
+    with pytest.raises(PickleRefused, match="memory bound of 1000 bytes"):
+        loads(data, budget=Budget(1000), find_class=find_class, persistent_load=None)
