@@ -82,6 +82,10 @@ class _StorageType:
     name: str
 
     @property
+    def __name__(self) -> str:  # for messages
+        return f"torch.{self.name}"
+
+    @property
     def dtype(self) -> np.dtype:
         dt = _STORAGE_DTYPES[self.name]
         if dt is None:
