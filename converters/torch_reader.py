@@ -155,7 +155,10 @@ def _view(storage: np.ndarray, offset: Any, size: Any, stride: Any, budget: Budg
     if numel == 0:
         if offset > storage.size:
             raise CheckpointError(f"tensor view {where} starts past its storage of {storage.size} elements")
-        return np.empty(size, storage.dtype)
+        try:
+            return np.empty(size, storage.dtype)
+        except ValueError:  # numpy refuses shapes whose non-zero dims alone overflow
+            raise CheckpointError(f"tensor view {where}: an empty shape numpy cannot represent") from None
     last = offset + sum((s - 1) * st for s, st in zip(size, stride))
     if last >= storage.size:
         raise CheckpointError(f"tensor view {where} runs past its storage of {storage.size} elements")

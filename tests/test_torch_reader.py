@@ -145,6 +145,7 @@ def _view_file(tmp_path, n, offset, size, stride, dtype=np.float32, name="v.pth"
     ("0", (1,), (1,), "non-negative integers"),
     (0, [1], [1], "tuples"),
     (0, (1,) * 33, (1,) * 33, "length <= 32"),
+    (0, (0, 2**61), (1, 1), "empty shape numpy cannot represent"),
 ])
 def test_view_must_stay_inside_its_storage(tmp_path, offset, size, stride, why):
     path = _view_file(tmp_path, 4, offset, size, stride)
