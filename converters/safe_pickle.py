@@ -1,7 +1,7 @@
 """Unpickle plain data without running code, within a memory budget, and without sharing state between reads.
 
 ``pickle.Unpickler`` is unfit for untrusted files even with ``find_class`` restricted: it sizes its memo from
-the stream (a 9-byte pickle makes it zero 1 GiB), hashes tuples nested a million deep (the interpreter
+the stream (a 9-byte pickle makes it allocate and zero 1 GiB), hashes tuples nested a million deep (the interpreter
 crashes), lets BUILD rewrite any object it can name, and inflates a few bytes into large objects by reusing memo
 entries. This module decodes opcodes with :func:`pickletools.genops` and runs its own small stack machine: it
 builds only plain data (None, bools, numbers, str, bytes, tuple, list, dict, set, frozenset), resolves globals
