@@ -69,32 +69,87 @@ def save_model(model: nnx.Module, arch: str, config: Any, out_dir: str | os.Path
     return out_dir
 
 
+MAX_SIDECAR_BYTES = 16 << 20  # the sidecar holds a config and a key report: kilobytes, not megabytes
+
+
 def read_sidecar(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar's JSON object; a missing, oversized, undecodable or non-object sidecar is a CheckpointError."""
     path = os.path.join(os.fspath(model_dir), SIDECAR)
     try:
-        with open(path) as fh:
-            return json.load(fh)
+        if os.path.getsize(path) > MAX_SIDECAR_BYTES:
+            raise CheckpointError(f"{path}: sidecar larger than {MAX_SIDECAR_BYTES} bytes")
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
     except FileNotFoundError:
         raise CheckpointError(f"{model_dir}: not a vfm-align model directory (no {SIDECAR})") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: corrupt sidecar ({exc})") from exc
+    except (ValueError, RecursionError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: corrupt sidecar ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt sidecar (a JSON {type(meta).__name__}, not an object)")
+    return meta
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {'a/b/c': leaf}; keys as strings (nnx uses ints for list indices, Orbax strings)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}/"))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _check_weights_fit(model_dir: str, arch: str, expected: dict[str, Any], stored: Any) -> None:
+    """Every weight the model needs is stored with its shape and dtype, and nothing else is: else one error."""
+    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat(expected).items()}
+    have = _flat(stored)
+    problems = [f"missing array '{k}'" for k in want if k not in have]
+    problems += [f"unexpected array '{k}'" for k in have if k not in want]
+    for k in want.keys() & have.keys():
+        shape, dtype = tuple(getattr(have[k], "shape", ()) or ()), getattr(have[k], "dtype", None)
+        if shape != want[k][0] or dtype is None or np.dtype(dtype) != want[k][1]:
+            problems.append(f"array '{k}' is {shape} {dtype}, the '{arch}' model needs {want[k][0]} {want[k][1]}")
+    if problems:
+        raise CheckpointError(f"{model_dir}: the stored weights do not fit the '{arch}' model its sidecar describes "
+                              f"({len(problems)} problem(s)):\n  - " + "\n  - ".join(sorted(problems)[:40]))
 
 
 def load(model_dir: str | os.PathLike) -> nnx.Module:
-    """Restore a model saved by :func:`save_model` (or ``vfm-align convert``); needs no torch."""
+    """Restore a model saved by :func:`save_model` (or ``vfm-align convert``); needs no torch.
+
+    The sidecar's arch and config are first built abstractly (no memory) and their weights' names, shapes and
+    dtypes checked against the Orbax checkpoint's metadata; only a directory that matches throughout is restored.
+    Anything wrong surfaces as one :class:`CheckpointError` naming the directory; no half-built model is returned.
+    """
     model_dir = os.path.abspath(os.fspath(model_dir))
+    sidecar = os.path.join(model_dir, SIDECAR)
     meta = read_sidecar(model_dir)
-    arch = meta.get("arch")
-    config = config_from_dict(arch, meta.get("config", {}))
-    model = build_model(arch, config)
-    target = nnx.to_pure_dict(_weights(model))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+    arch, config = meta.get("arch"), meta.get("config", {})
+    if not isinstance(arch, str) or not isinstance(config, dict):
+        raise CheckpointError(f"{sidecar}: 'arch' must be a string and 'config' an object")
+    try:
+        config = config_from_dict(arch, config)
+        abstract = nnx.eval_shape(lambda: build_model(arch, config))
+    except Exception as exc:  # ConfigError, or a builder refusing the values
+        raise CheckpointError(f"{sidecar}: its config does not describe a '{arch}' model "
+                              f"({type(exc).__name__}: {exc})") from exc
+    expected = nnx.to_pure_dict(_weights(abstract))
+    params = os.path.join(model_dir, "params")
     try:
         with _IO_LOCK, ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(model_dir, "params"), abstract)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+            stored = ckptr.metadata(params).item_metadata.tree
+    except Exception as exc:  # whatever Orbax raises on a missing or tampered directory
+        raise CheckpointError(f"{model_dir}: cannot read the weights' metadata ({type(exc).__name__}: {exc})") from exc
+    _check_weights_fit(model_dir, arch, expected, stored)
+    model = build_model(arch, config)
+    target = nnx.to_pure_dict(_weights(model))
+    abstract_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+    try:
+        with _IO_LOCK, ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params, abstract_target)
+        state = _weights(model)
+        nnx.replace_by_pure_dict(state, restored)
+    except Exception as exc:  # array data missing or corrupt behind intact metadata
         raise CheckpointError(f"{model_dir}: cannot restore weights ({type(exc).__name__}: {exc})") from exc
-    state = _weights(model)
-    nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
