@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import threading
 from typing import Any
 
@@ -72,6 +73,23 @@ def save_model(model: nnx.Module, arch: str, config: Any, out_dir: str | os.Path
 MAX_SIDECAR_BYTES = 16 << 20  # the sidecar holds a config and a key report: kilobytes, not megabytes
 
 
+MAX_SIDECAR_DEPTH = 64
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _check_json_depth(text: str, path: str) -> None:
+    """Refuse JSON nested deeper than MAX_SIDECAR_DEPTH without recursing (strings skipped whole)."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()[0]
+        if c in "[{":
+            depth += 1
+            if depth > MAX_SIDECAR_DEPTH:
+                raise CheckpointError(f"{path}: corrupt sidecar (nested deeper than {MAX_SIDECAR_DEPTH})")
+        elif c in "]}":
+            depth -= 1
+
+
 def read_sidecar(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The sidecar's JSON object; a missing, oversized, undecodable or non-object sidecar is a CheckpointError."""
     path = os.path.join(os.fspath(model_dir), SIDECAR)
@@ -79,7 +97,9 @@ def read_sidecar(model_dir: str | os.PathLike) -> dict[str, Any]:
         if os.path.getsize(path) > MAX_SIDECAR_BYTES:
             raise CheckpointError(f"{path}: sidecar larger than {MAX_SIDECAR_BYTES} bytes")
         with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+            text = fh.read()
+        _check_json_depth(text, path)  # before json: its RecursionError can upset CPython 3.11's parser state
+        meta = json.loads(text)
     except FileNotFoundError:
         raise CheckpointError(f"{model_dir}: not a vfm-align model directory (no {SIDECAR})") from None
     except (ValueError, RecursionError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
