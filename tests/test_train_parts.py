@@ -165,10 +165,10 @@ def test_recipe_overrides_are_typed_and_checked(tmp_path):
     from vfm_align.cli import build_parser
     from vfm_align.config_file import load_config
 
-    recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "provicnet_segmentation.py")
+    recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune.py") + ":provicnet,segmentation"
     # The finetune command's --config.KEY=VALUE and --config.KEY VALUE flags arrive as KEY=VALUE.
     args = build_parser().parse_args(
-        ["finetune", "--config", recipe + ":tiny", "--config.optim.lr=3e-4", "--config.train.steps", "7",
+        ["finetune", "--config", recipe + ",tiny", "--config.optim.lr=3e-4", "--config.train.steps", "7",
          "--config.model.freeze_backbone=true", "--config.data.shape=(16, 64, 64)", "--config.optim.warmup_steps=0"])
     assert args.overrides[:2] == ["optim.lr=3e-4", "train.steps=7"]
     cfg = load_config(args.config, args.overrides)
