@@ -134,3 +134,16 @@ def test_plain_install_finds_its_recipes(tmp_path):
             "--config.align.every=0", "--config.train.batch_size=2", "--config.run.workdir=run")
     assert r.returncode == 0, r.stderr
     assert json.loads((work / "run" / "config.json").read_text())["task"]["name"] == "segmentation"
+
+
+def test_the_arch_registry_is_filled_by_the_decorators_alone():
+    """Every ``@register("name", ...)`` in the models package, and nothing else, is a known arch."""
+    import re
+
+    from vfm_align.models.registry import known_archs
+
+    src = "".join(p.read_text() for p in (ROOT / "vfm_align" / "models").rglob("*.py"))
+    names = set(re.findall(r'^@register\("([a-z0-9_]+)"', src, re.M))
+    names |= {m for c in re.findall(r"^@register\(([A-Z_]+),", src, re.M)
+              for m in re.findall(rf'^{c} = "([a-z0-9_]+)"', src, re.M)}
+    assert len(names) == 7 and set(known_archs()) == names
