@@ -113,6 +113,7 @@ def test_study_overrides_are_checked_keys():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="pip-installs the checkout; set VFM_ALIGN_SLOW=1")
 def test_plain_install_finds_its_recipes(tmp_path):
     """``pip install <checkout>`` (not editable) into a fresh venv; from an empty directory the installed
     command resolves the documented recipes and runs a tiny fine-tune on a phantom cohort."""
