@@ -16,7 +16,7 @@ Inputs (N, D, H, W, 3) volumes [T2w, high-b DWI, ADC] of the phantom cohort; a m
 
 import ml_collections as mc
 
-from vfm_align.train.recipes import pretrain_optim
+from vfm_align.train.recipes import TINY_CONVNEXT, pretrain_optim
 
 
 def get_config():
@@ -25,11 +25,9 @@ def get_config():
         mesh=dict(devices=1, data=1, fsdp=1),
         # AdamW lr 1e-3, betas (0.9, 0.95), wd 0.05: ProFound's FCMAE recipe (plus warmup 5 and clipping at 1).
         optim=pretrain_optim(),
-        # ConvNeXt-V2 "tiny for CPU" sizes, as train/recipes.py: the "lax" depthwise conv compiles far faster
-        # than the CPU "shift" form, which dominates runs this short.
+        # The ConvNeXt-V2 "tiny for CPU" sizes of the fine-tuning recipes (train/recipes.py TINY_CONVNEXT).
         # Reference: depths (3, 3, 9, 3), dims (96, 192, 384, 768), decoder_dim 512, decoder_depth 1.
-        model=dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), dwconv_impl="lax", decoder_dim=32, decoder_depth=1,
-                   norm_pix_loss=True),  # ProFound: --norm_pix_loss
+        model=dict(**TINY_CONVNEXT, decoder_dim=32, decoder_depth=1, norm_pix_loss=True),  # ProFound: --norm_pix_loss
         objective_args=dict(mask_ratio=0.6),  # ProFound's FCMAE demo and forward default (main_pretrain.py CLI: 0.75)
         cohort=dict(manifest="", cases=24, shape=(16, 64, 64), crop=(32, 32)),  # 1.5 mm in-plane, gland-centred
     ))

@@ -12,7 +12,7 @@ from vfm_align.train.recipes import pretrain_optim
 
 def get_config():
     return mc.ConfigDict(dict(
-        backbone="mae_vit", objective="mae", seed=0, steps=60, batch_size=4,
+        backbone="profound_mae", objective="mae", seed=0, steps=60, batch_size=4,
         mesh=dict(devices=1, data=1, fsdp=1),
         optim=pretrain_optim(),
         model=dict(patch_size=(4, 8, 8), embed_dim=48, depth=2, num_heads=2, mlp_dim=96, decoder_embed_dim=24,

@@ -9,7 +9,7 @@
 #   MESH_DATA / MESH_FSDP  mesh shape; default: all GPUs data-parallel (fsdp=1)
 #
 # Example:
-#   scripts/launch_gpu.sh configs/profound_conv_segmentation.py \
+#   scripts/launch_gpu.sh configs/finetune.py:profound_conv,segmentation \
 #       --config.data.root=/data/cohort/manifest.csv --config.model.pretrained=models/profound_conv
 set -euo pipefail
 if [[ $# -lt 1 ]]; then

@@ -13,7 +13,7 @@
 #   REPO_DIR (checkout path on the workers, default ~/vfm-align).
 #
 # Example:
-#   scripts/launch_tpu_vm.sh my-v5e-16 us-central2-b configs/provicnet_segmentation.py \
+#   scripts/launch_tpu_vm.sh my-v5e-16 us-central2-b configs/finetune.py:provicnet,segmentation \
 #       --config.data.root=/mnt/cohort/manifest.csv --config.run.workdir=/mnt/runs/seg
 set -euo pipefail
 if [[ $# -lt 3 ]]; then

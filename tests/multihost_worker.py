@@ -30,10 +30,9 @@ def main():
 
     sys.path.insert(0, os.path.dirname(__file__))
     from train_toy import make_task
-    from vfm_align.models.task_model import task_kind
+    from vfm_align.data.tasks import get_task
     from vfm_align.train import mesh as M
     from vfm_align.train.data import ArrayBatches
-    from vfm_align.train.losses import DEFAULT_LOSS
     from vfm_align.train.loop import build_task_model
     from vfm_align.train.optim import make_optimizer
     from vfm_align.train.recipes import base_config
@@ -45,10 +44,10 @@ def main():
     cfg.optim.warmup_steps = 0
     data = make_task("segmentation", 16, seed=1)
     mesh = M.make_mesh(2, 2)
-    kind = task_kind("segmentation")
+    kind, loss = get_task("segmentation").head, get_task("segmentation").loss
     gdef, _, state, sh, tx = create_state(lambda: build_task_model(cfg, data["image"].shape[1:]),
                                           lambda p: make_optimizer(cfg.optim, p, 10)[0], mesh, min_size=256)
-    step = jit_train_step(make_train_step(gdef, task_loss(kind, DEFAULT_LOSS[kind]), tx, kind=kind, seed=3), sh, mesh)
+    step = jit_train_step(make_train_step(gdef, task_loss(kind, loss), tx, kind=kind, seed=3), sh, mesh)
     batches = ArrayBatches(data, 8, seed=0)
     losses = []
     for i in range(2):

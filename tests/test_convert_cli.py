@@ -26,7 +26,7 @@ def _weights(model):
 def test_convert_save_load_roundtrip(fixtures_dir, golden, tmp_path, capsys, parity):
     src = str(fixtures_dir / "provicnet_t2.pth")
     out = tmp_path / "t2"
-    assert main(["convert", src, "--out", str(out), "--set", "num_heads=6"]) == 0
+    assert main(["convert", src, "--out", str(out), "--config.num_heads=6"]) == 0
     assert "provicnet" in capsys.readouterr().out
     meta = json.load(open(out / "vfm_align.json"))
     assert meta["arch"] == "provicnet"
@@ -69,7 +69,7 @@ def test_convert_fusion_roundtrip(fixtures_dir, tmp_path):
 
 @pytest.mark.parametrize("extra, words", [
     (["--arch", "provicnet_fusion"], "problem"),  # wrong architecture: every missing key reported
-    (["--set", "num_heads=5"], "num_heads=5"),  # 384 is not divisible by 5
+    (["--config.num_heads=5"], "num_heads=5"),  # 384 is not divisible by 5
 ])
 def test_failed_conversion_leaves_nothing(fixtures_dir, tmp_path, capsys, extra, words):
     out = tmp_path / "bad"

@@ -23,6 +23,9 @@ def _env(devices_per_process: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
     env["JAX_PLATFORMS"] = "cpu"
+    # The worker runs as a script: put this checkout first, so it trains this package, not another installed copy.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(WORKER)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
 

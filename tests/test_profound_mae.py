@@ -229,3 +229,25 @@ def test_released_key_set_converts_strictly(fixtures_dir):
     assert len(info["used"]) == 254 and info["ignored"] == {}
     n_params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert n_params == man["num_parameter_elements"]
+
+
+def test_sincos_tables_of_a_model_trained_from_scratch():
+    """set_sincos_pos_embed: a zero class row, then per token (d, h, w) a third of the width for each axis,
+    [sin(p * w_k), cos(p * w_k)] with w_k = 10000^(-k / (width / 6))."""
+    from flax import nnx
+
+    from vfm_align.models.mae_vit3d import MaeViT3d, MaeViT3dConfig
+
+    cfg = MaeViT3dConfig(patch_size=(4, 8, 8), embed_dim=12, depth=1, num_heads=2, mlp_dim=8, decoder_embed_dim=6,
+                         decoder_depth=1, decoder_num_heads=1, decoder_mlp_dim=8, num_patches=2 * 3 * 2,
+                         img_size=(8, 24, 16))
+    model = nnx.eval_shape(lambda: MaeViT3d(cfg, rngs=nnx.Rngs(0)))  # shapes only: the tables are all it sets
+    model.set_sincos_pos_embed()
+    for table, width in ((model.pos_embed, 12), (model.decoder_pos_embed, 6)):
+        t = np.asarray(table.get_value())[0]
+        assert t.shape == (1 + 12, width) and not t[0].any()
+        third = width // 3
+        w = 10000.0 ** (-np.arange(third // 2) / (third / 2))
+        for i, (d, h, x) in enumerate(np.ndindex(2, 3, 2)):
+            want = np.concatenate([np.concatenate([np.sin(p * w), np.cos(p * w)]) for p in (d, h, x)])
+            np.testing.assert_allclose(t[1 + i], want, rtol=1e-6, atol=1e-6)

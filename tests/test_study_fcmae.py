@@ -1,4 +1,4 @@
-"""The FCMAE objective and the ``profound_conv`` study family: loss, pretraining, save/load, fine-tuning.
+"""The FCMAE objective and the ``profound_conv`` study backbone: loss, pretraining, save/load, fine-tuning.
 
 Everything runs at the study's 16x32x32 volumes with the tiny CPU sizes of configs/pretrain_fcmae.py,
 and one pretraining run (through the CLI) serves every test. Random initialisation uses the "rbg"
@@ -28,7 +28,7 @@ from vfm_align.study.objectives import make_objective
 from vfm_align.study.pretrain import pretrain, study_mesh
 
 SHAPE = (16, 32, 32)
-FAMILY = "profound_conv"
+BACKBONE = "profound_conv"
 
 
 def _np_fcmae_loss(x, pred, removed, p=16, eps=1e-6):
@@ -58,7 +58,7 @@ def _fast_init_rng():
 
 
 # One compiled function for every ConvNeXt (or FCMAE encoder) here: features incl. the study's patch_map.
-_FEATS = nnx.jit(lambda m, v: GridFeatures(m, FAMILY).features(v))
+_FEATS = nnx.jit(lambda m, v: GridFeatures(m, BACKBONE).features(v))
 
 
 def _feats(model, x):
@@ -81,16 +81,16 @@ def pretrained(cohort, tmp_path_factory):
     kept = {}
     real = pretrain_mod.save_pretrained
 
-    def spy(family, model, config, out_dir, info):
+    def spy(backbone, model, config, out_dir, info):
         kept.update(model=model, config=config)
-        return real(family, model, config, out_dir, info)
+        return real(backbone, model, config, out_dir, info)
 
     out = tmp_path_factory.mktemp("fcmae_model") / "reconstruction_conv"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pretrain_mod, "save_pretrained", spy)
         rc = main(["pretrain", "--config", default_config_path("pretrain_fcmae"), "--out", str(out), "--no-progress",
-                   "--set", "steps=12", "--set", "batch_size=4", "--set", "optim.warmup_steps=2",
-                   "--set", f"cohort.manifest={cohort[0]}"])
+                   "--config.steps=12", "--config.batch_size=4", "--config.optim.warmup_steps=2",
+                   f"--config.cohort.manifest={cohort[0]}"])
     assert rc == 0
     return {"out": str(out), **kept}
 
@@ -141,7 +141,7 @@ def test_fcmae_objective_is_the_models_loss(pretrained, cohort):
 
 def test_saved_directory_is_the_fcmae_encoder(pretrained, cohort):
     meta = read_sidecar(pretrained["out"])
-    assert meta["arch"] == FAMILY
+    assert meta["arch"] == BACKBONE
     enc = vfm_align.load(pretrained["out"])
     assert isinstance(enc, ConvNeXt3D) and not hasattr(enc, "decoder")
     x = cohort[1]["image"][:2]
@@ -163,14 +163,14 @@ def test_finetune_from_fcmae_encoder(pretrained, cohort, task):
                          'finetune.sites=["pooled", "patch"]'])
     assert [b.name for b in study.backbones] == ["reconstruction", "contrastive", "reconstruction_conv"]
     b = study.backbones[2]
-    assert b.family == FAMILY and b.pretrain.objective == "fcmae" and b.pretrain.backbone == FAMILY
+    assert b.backbone == BACKBONE and b.pretrain.objective == "fcmae" and b.pretrain.backbone == BACKBONE
     meta = read_sidecar(pretrained["out"])  # as the runner does
     config = config_from_dict(meta["arch"], meta["config"])
     loaded = vfm_align.load(pretrained["out"])
     c = cohort[1]
     probe = c["image"][:2]
     start = _feats(loaded, probe)["pooled"]  # before: fine-tuning donates the loaded weights' buffers
-    res = run_finetune(b.family, config, loaded, task, taskdata.make_task_data(c, task, seed=0), probe,
+    res = run_finetune(b.backbone, config, loaded, task, taskdata.make_task_data(c, task, seed=0), probe,
                        study.finetune, study_mesh(study.mesh), seed=0, progress=False)
     curve = res["curve"]
     assert curve["step"] == [0, 1, 2] and np.all(np.isfinite(curve["loss"][1:]))
@@ -182,12 +182,12 @@ def test_finetune_from_fcmae_encoder(pretrained, cohort, task):
 def test_fcmae_config_errors():
     cfg = load_config(default_config_path("pretrain_fcmae"))
     with pytest.raises(ConfigError, match="whole number of FCMAE patches"):
-        backbone_config(FAMILY, cfg.model, (16, 24, 32))
-    model = nnx.eval_shape(lambda: pretraining_model(FAMILY, backbone_config(FAMILY, cfg.model, SHAPE), 0))
+        backbone_config(BACKBONE, cfg.model, (16, 24, 32))
+    model = nnx.eval_shape(lambda: pretraining_model(BACKBONE, backbone_config(BACKBONE, cfg.model, SHAPE), 0))
     x = jnp.zeros((1, *SHAPE, 3))
     objective = make_objective("fcmae", mc.ConfigDict({"mask_ratio": 0.8}))
     with pytest.raises(ConfigError, match="keeps 0 of the 4 patches"):  # traced only: raised before any compute
         jax.eval_shape(lambda v: objective(model, {"image": v}, jax.random.key(0)), x)
-    bad = load_config(default_config_path("pretrain_fcmae"), ["backbone=mae_vit"])
+    bad = load_config(default_config_path("pretrain_fcmae"), ["backbone=profound_mae"])
     with pytest.raises(ConfigError, match="trains a 'profound_conv' backbone"):
         pretrain(bad, {"image": np.zeros((1, *SHAPE, 3), np.float32)}, "/nonexistent/never-written")

@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from vfm_align.data import metrics as M
 from vfm_align.data.phantom import PhantomConfig, case_rng, render_case, sample_case_spec
-from vfm_align.data.tasks import KINDS, TASKS, get_task, susceptibility_field, thick_slices, warp_along_h
+from vfm_align.data.tasks import HEADS, KINDS, TASKS, get_task, susceptibility_field, thick_slices, warp_along_h
 from vfm_align.errors import ConfigError, DataError
 
 
@@ -32,6 +32,37 @@ def test_registry():
         get_task("registration")
     with pytest.raises(ConfigError, match="bad option"):
         get_task("segmentation", factor=2)
+    assert get_task("classification", label="grade", seed=3).seed == 3  # the grade default keeps other options
+
+
+def test_each_task_is_defined_once_with_what_other_layers_read():
+    from vfm_align.train.losses import LOSSES
+
+    want = {  # name: (head, loss, outputs, primary, ceiling, restore_from), as the papers' engines and metrics
+        "classification": ("label", "ce", 2, "auroc", 1.0, None),
+        "segmentation": ("dense", "dice_ce", 3, "dice_mean", 1.0, None),
+        "detection": ("dense", "dice_ce", 2, "picai_score", 1.0, None),
+        "super_resolution": ("restore", "l2", 1, "psnr", None, 0),
+        "distortion_correction": ("restore", "l2", 2, "ncc", 1.0, 1),
+    }
+    for name in TASKS:
+        t = get_task(name, seed=5)
+        assert (t.head, t.loss, t.num_outputs, t.primary, t.ceiling, t.restore_from) == want[name]
+        assert t.head in HEADS and t.loss in LOSSES and t.higher_is_better and t.seed == 5
+        if t.head == "restore":  # the corrected channels are the target's: T2w, or [DWI, ADC]
+            assert t.restore_from + t.num_outputs <= 3
+
+
+def test_predictions_from_raw_outputs():
+    logits = np.array([[0.0, np.log(3.0)], [np.log(4.0), 0.0]], np.float32)
+    np.testing.assert_allclose(get_task("classification").predictions(logits), [[0.25, 0.75], [0.8, 0.2]], rtol=1e-6)
+    vox = np.zeros((1, 2, 1, 1, 3), np.float32)
+    vox[0, 0, 0, 0, 2] = vox[0, 1, 0, 0, 1] = 5.0
+    np.testing.assert_array_equal(get_task("segmentation").predictions(vox), [[[[2]], [[1]]]])
+    det = get_task("detection").predictions(np.stack([np.zeros((2, 2)), np.log([[1.0, 3.0], [9.0, 1.0]])], -1))
+    np.testing.assert_allclose(det, [[0.5, 0.75], [0.9, 0.5]], rtol=1e-6)  # the lesion channel's probability
+    vol = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3, 1)
+    np.testing.assert_array_equal(get_task("super_resolution").predictions(vol), vol)
 
 
 def test_label_tasks(sample):

@@ -19,8 +19,11 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def _cfg(backbone, task, workdir, *, recipe=False, **train):
-    """base_config's tiny variant, or (recipe=True) the tiny variant of configs/<backbone>_<task>.py."""
-    cfg = load_config(f"{CONFIGS / f'{backbone}_{task}.py'}:tiny", []) if recipe else base_config(backbone, task, "tiny")
+    """base_config's tiny variant, or (recipe=True) configs/finetune.py:<backbone>,<task>,tiny."""
+    if recipe:
+        cfg = load_config(f"{CONFIGS / 'finetune.py'}:{backbone},{task},tiny", [])
+    else:
+        cfg = base_config(backbone, task, "tiny")
     cfg.run.workdir = str(workdir)
     cfg.mesh.data, cfg.mesh.fsdp = 1, 1
     cfg.align.every = 0

@@ -165,10 +165,10 @@ def test_recipe_overrides_are_typed_and_checked(tmp_path):
     from vfm_align.cli import build_parser
     from vfm_align.config_file import load_config
 
-    recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "provicnet_segmentation.py")
+    recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune.py") + ":provicnet,segmentation"
     # The finetune command's --config.KEY=VALUE and --config.KEY VALUE flags arrive as KEY=VALUE.
     args = build_parser().parse_args(
-        ["finetune", "--config", recipe + ":tiny", "--config.optim.lr=3e-4", "--config.train.steps", "7",
+        ["finetune", "--config", recipe + ",tiny", "--config.optim.lr=3e-4", "--config.train.steps", "7",
          "--config.model.freeze_backbone=true", "--config.data.shape=(16, 64, 64)", "--config.optim.warmup_steps=0"])
     assert args.overrides[:2] == ["optim.lr=3e-4", "train.steps=7"]
     cfg = load_config(args.config, args.overrides)
@@ -228,7 +228,8 @@ def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_step():
     loss and the update agree with the float32 step to bf16 precision and the weights stay float32."""
     from train_toy import make_task
     from vfm_align.train import mesh as M
-    from vfm_align.train.loop import DEFAULT_LOSS, build_task_model
+    from vfm_align.data.tasks import get_task
+    from vfm_align.train.loop import build_task_model
     from vfm_align.train.optim import make_optimizer
     from vfm_align.train.recipes import base_config
     from vfm_align.train.state import create_state
@@ -244,7 +245,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_step():
     batch = M.global_batch(data, mesh)
     out = {}
     for dt in (jnp.float32, jnp.bfloat16):
-        step = jit_train_step(make_train_step(gdef, task_loss("dense", DEFAULT_LOSS["dense"]), tx, kind="dense",
+        step = jit_train_step(make_train_step(gdef, task_loss("dense", get_task("segmentation").loss), tx, kind="dense",
                                               seed=0, augment=False, compute_dtype=dt), sh, mesh)
         new, m = step(jax.device_put(init, sh), batch)
         out[dt] = (float(m["loss"]), jax.device_get(new["params"]))

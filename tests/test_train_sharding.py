@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from train_toy import make_task
-from vfm_align.models.task_model import task_kind
+from vfm_align.data.tasks import get_task
 from vfm_align.train import mesh as M
-from vfm_align.train.loop import DEFAULT_LOSS, batch_indices, build_task_model
+from vfm_align.train.loop import batch_indices, build_task_model
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import abstract_state, create_state
@@ -21,7 +21,7 @@ MIN_SIZE = 256  # small enough that the tiny models have fsdp-sharded weights
 
 def _run(cfg, data, state_host, layout, steps=2):
     mesh = M.make_mesh(*layout, devices=jax.devices()[: layout[0] * layout[1]])
-    kind = task_kind(cfg.task.name)
+    kind, loss = get_task(cfg.task.name).head, get_task(cfg.task.name).loss
     build = lambda: build_task_model(cfg, data["image"].shape[1:])  # noqa: E731
     make_tx = lambda p: make_optimizer(cfg.optim, p, 10)[0]  # noqa: E731
     if state_host is None:
@@ -30,7 +30,7 @@ def _run(cfg, data, state_host, layout, steps=2):
         gdef, _, _, sh, tx = abstract_state(build, make_tx, mesh, min_size=MIN_SIZE)
         state = jax.device_put(state_host, sh)
     init = jax.device_get(state)
-    step = jit_train_step(make_train_step(gdef, task_loss(kind, DEFAULT_LOSS[kind]), tx, kind=kind, seed=3), sh, mesh)
+    step = jit_train_step(make_train_step(gdef, task_loss(kind, loss), tx, kind=kind, seed=3), sh, mesh)
     losses = []
     for i in range(steps):
         idx = batch_indices(len(data["image"]), 8, i, seed=0)

@@ -1,20 +1,27 @@
 """Recipe files (``configs/*.py`` with ``get_config()``): loading one by path, with typed overrides.
 
 Every command that takes a recipe (finetune, pretrain, study) loads it here, so an override means the
-same everywhere: ``KEY=VALUE`` with a dotted key (list items by index, ``backbones.0.weights``) that
-must already exist, and a value parsed to the type of the value it replaces.
+same everywhere: ``KEY=VALUE`` (``--config.KEY=VALUE`` on the command line) with a dotted key (list items
+by index, ``backbones.0.weights``) that must already exist, and a value parsed to the type of the value
+it replaces.
+
+The project's recipes ship inside the package (``vfm_align/configs``, the checkout's top-level
+``configs/`` folder), so ``configs/finetune.py:...`` resolves in a checkout, an editable and a plain
+install alike, from any working directory.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 import json
 import os
 
 from vfm_align.errors import ConfigError
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# Through the package's resources, not a path relative to the source tree: the recipes are package data.
+CONFIG_DIR = os.fspath(importlib.resources.files("vfm_align").joinpath("configs"))
 
 
 def default_config_path(name: str) -> str:
@@ -22,13 +29,27 @@ def default_config_path(name: str) -> str:
     return os.path.join(CONFIG_DIR, f"{name}.py")
 
 
+def resolve_recipe(path: str) -> str:
+    """``path`` if that file exists; else, for ``NAME.py`` or ``configs/NAME.py``, the project's recipe of
+    that name (so the documented ``--config configs/finetune.py:...`` works from any directory)."""
+    if os.path.isfile(path):
+        return path
+    head, name = os.path.split(os.path.normpath(path))
+    if head in ("", "configs") and os.path.isfile(os.path.join(CONFIG_DIR, name)):
+        return os.path.join(CONFIG_DIR, name)
+    raise ConfigError(f"{path}: recipe file not found (the project's recipes: {project_recipes()})")
+
+
+def project_recipes() -> list[str]:
+    return sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
 def recipe_module(path: str, beside: str | None = None):
     """The recipe file ``path`` (relative to the folder of the file ``beside`` when given, so a recipe
     can build on its neighbours wherever the configs folder is copied) as a module."""
     if beside is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(beside)), path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: recipe file not found")
+    path = resolve_recipe(path)
     spec = importlib.util.spec_from_file_location("_vfm_align_recipe_" + os.path.basename(path)[:-3], path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -39,6 +60,7 @@ def load_config(spec: str, overrides=()):
     """``get_config()`` of the recipe file ``spec`` ("path" or "path:arg", which passes arg), with
     ``KEY=VALUE`` overrides applied and the result locked."""
     path, _, arg = spec.partition(":")
+    path = resolve_recipe(path)
     mod = recipe_module(path)
     if not hasattr(mod, "get_config"):
         raise ConfigError(f"{path}: no get_config() function")
@@ -91,8 +113,8 @@ def _child(node, part: str, key: str):
     return node[part]
 
 
-def _parse(key: str, text: str):
-    """A Python literal ("(16, 64, 64)", "None"), else JSON ("null", "true")."""
+def _literal(text: str):
+    """A Python literal ("(16, 64, 64)", "None"), else JSON ("null", "true"); raises ValueError if neither."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -100,4 +122,19 @@ def _parse(key: str, text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
+        raise ValueError(text) from exc
+
+
+def _parse(key: str, text: str):
+    try:
+        return _literal(text)
+    except ValueError as exc:
         raise ConfigError(f"{key}: cannot parse '{text}'") from exc
+
+
+def parse_value(text: str):
+    """An override value without a config value to type it by: a Python or JSON literal, else the text."""
+    try:
+        return _literal(text)
+    except ValueError:
+        return text

@@ -84,9 +84,9 @@ def main(argv=None) -> int:
 
         # The project's smallest recipe model and its own jitted, donated train step, fed at the
         # recipe's input shape (random crops of the augmented cases).
-        from vfm_align.models.task_model import task_kind
+        from vfm_align.data.tasks import get_task
         from vfm_align.train import mesh as M
-        from vfm_align.train.loop import DEFAULT_LOSS, build_task_model
+        from vfm_align.train.loop import build_task_model
         from vfm_align.train.optim import make_optimizer
         from vfm_align.train.recipes import base_config
         from vfm_align.train.state import create_state
@@ -94,12 +94,13 @@ def main(argv=None) -> int:
 
         cfg = base_config(args.recipe, args.task, "tiny")
         crop = tuple(cfg.data.shape)
-        kind = task_kind(args.task)
+        task = get_task(args.task)
         mesh = M.make_mesh(-1, 1)
         gdef, _, state, sh, tx = create_state(lambda: build_task_model(cfg, crop + (3,)),
                                               lambda p: make_optimizer(cfg.optim, p, 1000)[0], mesh,
                                               min_size=int(cfg.mesh.fsdp_min_size))
-        step = jit_train_step(make_train_step(gdef, task_loss(kind, DEFAULT_LOSS[kind]), tx, kind=kind, seed=0), sh, mesh)
+        step = jit_train_step(make_train_step(gdef, task_loss(task.head, task.loss), tx, kind=task.head, seed=0),
+                              sh, mesh)
 
         def fed_loader(epoch):
             return Loader(cases, cache, task, batch_size=args.batch, seed=0, train=True, augment_cfg=AugmentConfig(),

@@ -21,6 +21,39 @@ _COMMANDS = (
 )
 
 
+def accept_config_overrides(p: argparse.ArgumentParser) -> None:
+    """Let subcommand ``p`` take free-form ``--config.KEY=VALUE`` flags (the ml_collections convention),
+    collected as "KEY=VALUE" strings into ``args.overrides``; every subcommand with settings uses this.
+
+    argparse cannot declare a family of flags, so the subparser's unknown arguments that belong to the
+    family are moved into ``args.overrides``; anything else is still an error.
+    """
+    p.set_defaults(overrides=None)
+    original = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extra = original(args, namespace)
+        if ns.overrides is None:
+            ns.overrides = []
+        rest, i = [], 0
+        while i < len(extra):
+            a = extra[i]
+            if a.startswith("--config."):
+                key, eq, value = a[len("--config."):].partition("=")
+                if not eq:  # "--config.KEY VALUE"; a trailing "--config.KEY" is left to argparse's error
+                    if i + 1 >= len(extra):
+                        rest.append(a)
+                        break
+                    value, i = extra[i + 1], i + 1
+                ns.overrides.append(f"{key}={value}")
+            else:
+                rest.append(a)
+            i += 1
+        return ns, rest
+
+    p.parse_known_args = parse_known_args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfm-align",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from vfm_align.cli import accept_config_overrides
 
 
 def register(sub) -> None:
@@ -18,24 +18,23 @@ def register(sub) -> None:
     p.add_argument("src", help="source checkpoint file")
     p.add_argument("--out", required=True, help="output model directory (must not exist unless --overwrite)")
     p.add_argument("--arch", default=None, help="architecture name; inferred from the keys when omitted")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value the weights cannot tell, e.g. --set num_heads=6 (repeatable; JSON values)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
+    p.epilog = ("Overrides: --config.KEY=VALUE for a config value the weights cannot tell, e.g. --config.num_heads=6 "
+                "(repeatable; Python or JSON literals, else text; an unknown key is an error)")
+    accept_config_overrides(p)
 
 
 def _parse_overrides(items):
+    from vfm_align.config_file import parse_value
+    from vfm_align.errors import ConfigError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            from vfm_align.errors import ConfigError
-
-            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if not sep or not key or "." in key:
+            raise ConfigError(f"--config.KEY=VALUE expects a top-level model config key, got '{item}'")
+        out[key] = parse_value(value)
     return out
 
 
@@ -43,7 +42,7 @@ def run(args) -> int:
     from converters import from_pytorch
     from vfm_align.model_io import save_model
 
-    model, info = from_pytorch(args.src, arch=args.arch, **_parse_overrides(args.set))
+    model, info = from_pytorch(args.src, arch=args.arch, **_parse_overrides(args.overrides))
     config = info.pop("config")
     out = save_model(model, info["arch"], config, args.out, extra={"provenance": info}, overwrite=args.overwrite)
     print(f"converted {args.src} -> {out}")

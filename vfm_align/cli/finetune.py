@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from vfm_align.cli import accept_config_overrides
 from vfm_align.errors import ConfigError
 
 
@@ -14,47 +15,19 @@ def register(sub) -> None:
         help="fine-tune a ProFound / ProViCNet backbone on one of the five tasks",
         description=(
             "Train a backbone + task head with the recipe in --config (a configs/*.py file with get_config(); "
-            "'file.py:tiny' passes 'tiny' to it). Override any field with --config.SECTION.KEY=VALUE. The run "
+            "'file.py:ARG' passes ARG to it: configs/finetune.py:BACKBONE,TASK[,tiny], found from any directory). "
+            "Override any field with --config.SECTION.KEY=VALUE. The run "
             "directory (run.workdir) receives config.json, metrics.jsonl, checkpoints/{last,best} and the "
             "fine-tuned backbone; re-running the same command resumes from the last checkpoint."
         ),
     )
-    p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="recipe file, e.g. configs/provicnet_segmentation.py")
+    p.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                   help="recipe, e.g. configs/finetune.py:provicnet,segmentation or configs/finetune.py:profound_conv,"
+                        "detection,tiny (backbones: profound_conv, profound_mae, provicnet)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run, overrides=None)
+    p.set_defaults(func=run)
     p.epilog = "Overrides: --config.SECTION.KEY=VALUE (repeatable), e.g. --config.optim.lr=1e-4 --config.train.steps=200"
-    _collect_overrides(p)
-
-
-def _collect_overrides(p) -> None:
-    """Let this subcommand accept free-form ``--config.KEY=VALUE`` flags (ml_collections style).
-
-    argparse cannot declare a family of flags, so the subparser's unknown arguments that belong
-    to the family are moved into ``args.overrides``; anything else is still an error.
-    """
-    original = p.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, extra = original(args, namespace)
-        if ns.overrides is None:
-            ns.overrides = []
-        rest, i = [], 0
-        while i < len(extra):
-            a = extra[i]
-            if a.startswith("--config."):
-                key, eq, value = a[len("--config."):].partition("=")
-                if not eq:  # "--config.KEY VALUE"; a trailing "--config.KEY" is left to argparse's error
-                    if i + 1 >= len(extra):
-                        rest.append(a)
-                        break
-                    value, i = extra[i + 1], i + 1
-                ns.overrides.append(f"{key}={value}")
-            else:
-                rest.append(a)
-            i += 1
-        return ns, rest
-
-    p.parse_known_args = parse_known_args
+    accept_config_overrides(p)
 
 
 def cohort_data(cfg):

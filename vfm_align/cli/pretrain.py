@@ -3,6 +3,8 @@ ConvNeXt-V2) or patch contrastive learning."""
 
 from __future__ import annotations
 
+from vfm_align.cli import accept_config_overrides
+
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a backbone (MAE, FCMAE or contrastive) and save a model directory",
@@ -12,9 +14,10 @@ def register(sub) -> None:
     p.add_argument("--config", required=True,
                    help="pretraining recipe, e.g. configs/pretrain_mae.py or configs/pretrain_fcmae.py")
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+    p.epilog = "Overrides: --config.KEY=VALUE (repeatable), e.g. --config.steps=200 --config.optim.lr=5e-4"
+    accept_config_overrides(p)
 
 
 def run(args) -> int:
@@ -27,7 +30,7 @@ def run(args) -> int:
     from vfm_align.config_file import load_config
     from vfm_align.study.pretrain import pretrain
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.overrides)
     if os.path.exists(args.out):
         raise CheckpointError(f"{args.out}: already exists")
     manifest = cfg.cohort.manifest

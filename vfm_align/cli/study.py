@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vfm_align.cli import accept_config_overrides
+
 
 def register(sub) -> None:
     p = sub.add_parser("study", help="run (or resume) the transfer study and write its report",
@@ -11,10 +13,11 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="study recipe (default: configs/study_default.py)")
     p.add_argument("--quick", action="store_true", help="use configs/study_quick.py (a minutes-long run)")
     p.add_argument("--out", default="study_out", help="output folder (default: ./study_out)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set finetune.steps=100 (typed like the value it replaces; repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+    p.epilog = ("Overrides: --config.KEY=VALUE (repeatable; typed like the value it replaces), e.g. "
+                "--config.finetune.steps=100 --config.backbones.0.weights=DIR")
+    accept_config_overrides(p)
 
 
 def run(args) -> int:
@@ -22,7 +25,7 @@ def run(args) -> int:
     from vfm_align.study.runner import run_study
 
     path = args.config or default_config_path("study_quick" if args.quick else "study_default")
-    cfg = load_config(path, args.set)
+    cfg = load_config(path, args.overrides)
     results = run_study(cfg, args.out, progress=not args.no_progress)
     print(results["finding"])
     print(f"report: {args.out}/report.html")

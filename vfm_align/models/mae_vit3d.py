@@ -3,7 +3,8 @@
 Inputs are channels-last volumes (N, D, H, W, C). Tokens follow the flattened (d, h, w) patch grid,
 row-major; a patch's pixels are ordered (pd, ph, pw, C) with C last, the order of the
 reconstruction target. The positional tables are weights loaded from the checkpoint: the reference
-sin-cos table scrambles the d and h axes, so regenerating a "correct" one would break parity.
+sin-cos table scrambles the d and h axes, so regenerating a "correct" one would break parity. A model
+trained from scratch here gets its tables from :meth:`MaeViT3d.set_sincos_pos_embed` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vfm_align.errors import ConfigError, DataError
@@ -56,11 +58,6 @@ class MaeViT3dConfig:
                                   f"{self.num_patches}")
 
     @classmethod
-    def base(cls, **kw) -> "MaeViT3dConfig":
-        """The reference ``mae_vit_base_patch16`` factory (the defaults)."""
-        return cls(**kw)
-
-    @classmethod
     def large(cls, **kw) -> "MaeViT3dConfig":
         """The reference ``mae_vit_large_patch16`` factory: 1024 wide, 24 blocks, 16 heads, same decoder."""
         return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_dim": 4096, **kw})
@@ -94,6 +91,25 @@ def unpatchify(p: jax.Array, grid: tuple[int, int, int], patch_size: tuple[int, 
     c = p.shape[-1] // (pd * ph * pw)
     x = p.reshape(n, gd, gh, gw, pd, ph, pw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return x.reshape(n, gd * pd, gh * ph, gw * pw, c)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_table_3d(dim: int, grid: tuple[int, int, int]) -> np.ndarray:
+    """(1, 1 + gd*gh*gw, dim) fixed table for a freshly initialised MAE (zero class row).
+
+    Row-major over (d, h, w) with a third of the width per axis; used only for models trained
+    from scratch here (converted checkpoints bring their own table).
+    """
+    if dim % 6:
+        raise ConfigError(f"MAE embed width {dim} must be divisible by 6 for a 3-D sin-cos table")
+    d, h, w = np.meshgrid(*[np.arange(g, dtype=np.float64) for g in grid], indexing="ij")
+    table = np.concatenate([_sincos_1d(dim // 3, a) for a in (d, h, w)], axis=1)
+    return np.concatenate([np.zeros((1, dim)), table], axis=0)[None].astype(np.float32)
 
 
 class FixedPosEmbed(nnx.Param):
@@ -140,6 +156,16 @@ class MaeViT3d(nnx.Module):
             for _ in range(c.decoder_depth)])
         self.decoder_norm = layer_norm(c.decoder_embed_dim, c.norm_eps, rngs=rngs)
         self.decoder_pred = nnx.Linear(c.decoder_embed_dim, c.patch_dim, rngs=rngs)
+
+    def set_sincos_pos_embed(self) -> None:
+        """Fill both positional tables with :func:`sincos_table_3d` over the grid of ``config.img_size`` (the
+        start of a model trained from scratch; built models hold zeros until weights are loaded)."""
+        c = self.config
+        if c.img_size is None:
+            raise ConfigError("a sin-cos positional table needs config.img_size (the grid it covers)")
+        grid = c.grid_for(c.img_size)
+        self.pos_embed.set_value(jnp.asarray(sincos_table_3d(c.embed_dim, grid)))
+        self.decoder_pos_embed.set_value(jnp.asarray(sincos_table_3d(c.decoder_embed_dim, grid)))
 
     # -- shapes -------------------------------------------------------------------------------
     def _check_input(self, x: jax.Array) -> tuple[int, int, int]:

@@ -58,10 +58,6 @@ class ProViCNetConfig:
         """cls + registers + the two slice-position tokens."""
         return 1 + self.num_registers + 2
 
-    @classmethod
-    def vits14_reg(cls, **overrides) -> "ProViCNetConfig":
-        return cls(**overrides)
-
 
 @dataclasses.dataclass(frozen=True)
 class ProViCNetFusionConfig:
@@ -75,11 +71,6 @@ class ProViCNetFusionConfig:
     sequences: tuple[str, ...] = ("t2w", "adc", "dwi")  # call order of the reference
 
 
-def upsample2(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 on (N, H, W, C), as torch's nn.Upsample(scale_factor=2)."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 # Which of a 3x3 kernel's taps land on each low-resolution neighbour after a nearest x2 upsampling:
 # output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i; row 2i+1 reads i, i, i+1.
 # _PHASE_TAPS[parity, tap, k] says whether kernel row k falls on the parity's tap-th neighbour.
@@ -88,7 +79,8 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
 
 
 def upsample2_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """``conv3x3(upsample2(x))`` (padding 1) computed on the low-resolution grid.
+    """A 3x3 convolution (padding 1) of x upsampled x2 nearest-neighbour (torch's nn.Upsample(scale_factor=2)),
+    computed on the low-resolution grid.
 
     Each of the four output phases is a 2x2 convolution of the input with summed kernel taps, so
     all four come from one 2x2 convolution with 4x the output channels followed by an interleave.

@@ -1,25 +1,19 @@
-"""Architecture registry: name -> (config class, model builder), so a saved model can be rebuilt from its sidecar."""
+"""Architecture registry: name -> (config class, model builder), so a saved model can be rebuilt from its sidecar.
+
+Filled only by the ``@register`` decorators of the model modules; every module of ``vfm_align.models``
+is imported on the first lookup, so a new model registers itself by living in that package.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import pkgutil
 from typing import Any, Callable
 
 from flax import nnx
 
 from vfm_align.errors import ConfigError
-
-# arch name -> module that registers it on import. Each model module adds its own names here.
-_ARCH_MODULES: dict[str, str] = {
-    "profound_mae_vit": "vfm_align.models.mae_vit3d",
-    "provicnet": "vfm_align.models.provicnet",
-    "provicnet_fusion": "vfm_align.models.provicnet",
-    "profound_conv": "vfm_align.models.convnext3d",
-    "profound_conv_cls": "vfm_align.models.heads.classifier",
-    "profound_conv_upernet": "vfm_align.models.heads.upernet3d",
-    "profound_fcmae": "vfm_align.models.fcmae",
-}
 
 _REGISTRY: dict[str, tuple[type, Callable[..., nnx.Module]]] = {}
 
@@ -34,16 +28,25 @@ def register(arch: str, config_cls: type):
     return deco
 
 
+def _import_models() -> None:
+    """Import every module of ``vfm_align.models`` (their decorators fill the registry); cheap after the first."""
+    import vfm_align.models as models
+
+    for info in pkgutil.walk_packages(models.__path__, models.__name__ + "."):
+        importlib.import_module(info.name)
+
+
 def _lookup(arch: str):
-    if arch not in _REGISTRY and arch in _ARCH_MODULES:
-        importlib.import_module(_ARCH_MODULES[arch])
     if arch not in _REGISTRY:
-        raise ConfigError(f"unknown architecture '{arch}'; known: {sorted(set(_ARCH_MODULES) | set(_REGISTRY))}")
+        _import_models()
+    if arch not in _REGISTRY:
+        raise ConfigError(f"unknown architecture '{arch}'; known: {known_archs()}")
     return _REGISTRY[arch]
 
 
 def known_archs() -> list[str]:
-    return sorted(set(_ARCH_MODULES) | set(_REGISTRY))
+    _import_models()
+    return sorted(_REGISTRY)
 
 
 def config_from_dict(arch: str, data: dict[str, Any]):

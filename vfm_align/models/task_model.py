@@ -9,9 +9,10 @@ Backbones expose ``features(...) -> dict`` of channels-last arrays:
   slices of one sequence (windows shift inward at the edges, as upstream), each resized to
   ``slice_size``, with ``pos = (j, D)``; dense outputs are put back into (N,D,H,W,K).
 
-Task kinds: "label" (one prediction per case, from pooled features), "dense" (per-voxel logits:
-segmentation, detection) and "restore" (the clean volume: super-resolution, distortion
-correction). Dense and restore heads are :class:`RestorationDecoder` (residual for restore).
+The head is the task's (``vfm_align.data.tasks``: ``Task.head``): "label" (one prediction per case,
+from pooled features), "dense" (per-voxel logits: segmentation, detection) and "restore" (the clean
+volume: super-resolution, distortion correction). Dense and restore heads are
+:class:`RestorationDecoder` (residual on the task's ``restore_from`` input channels for restore).
 """
 
 from __future__ import annotations
@@ -20,22 +21,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vfm_align.data.tasks import get_task
 from vfm_align.errors import ConfigError
 from vfm_align.models.heads.restoration import RestorationDecoder
 
-TASK_KINDS = {
-    "classification": "label",
-    "segmentation": "dense",
-    "detection": "dense",
-    "super_resolution": "restore",
-    "distortion_correction": "restore",
-}
 
-
-def task_kind(task: str) -> str:
-    if task not in TASK_KINDS:
-        raise ConfigError(f"unknown task '{task}'; known: {sorted(TASK_KINDS)}")
-    return TASK_KINDS[task]
+def task_kind(task: str) -> str:  # TODO(merge): old name, remove after engine merge (use get_task(task).head)
+    return get_task(task).head
 
 
 def window_index(depth: int, window: int) -> jnp.ndarray:
@@ -61,11 +53,6 @@ def volume_to_slices(x: jax.Array, channel: int, window: int, size: int | None):
     return s, pos
 
 
-# First input channel of the degraded image each restoration task corrects (inputs are [T2w, DWI, ADC]):
-# super-resolution restores T2w, distortion correction restores [DWI, ADC].
-RESIDUAL_FROM = {"super_resolution": 0, "distortion_correction": 1}
-
-
 class TaskModel(nnx.Module):
     """``model(x) -> (out, aux)``; aux is None unless the head is deep-supervised."""
 
@@ -75,8 +62,9 @@ class TaskModel(nnx.Module):
                  rngs: nnx.Rngs):
         if family not in ("volume", "slices"):
             raise ConfigError(f"backbone family must be 'volume' or 'slices', got '{family}'")
+        spec = get_task(task)
         self.backbone = backbone
-        self.kind = task_kind(task)
+        self.kind = spec.head
         self.family = family
         self.freeze_backbone = freeze_backbone
         self.slice_channel, self.slice_window, self.slice_size = slice_channel, slice_window, slice_size
@@ -93,7 +81,7 @@ class TaskModel(nnx.Module):
         else:
             self.head = RestorationDecoder(feats[feature_site].shape[-1], c, num_outputs, hidden=head_hidden,
                                            ndim=ndim, residual=self.kind == "restore",
-                                           residual_from=RESIDUAL_FROM.get(task, 0), rngs=rngs)
+                                           residual_from=spec.restore_from or 0, rngs=rngs)
 
     def _raw_features(self, x):
         if self.family == "volume":

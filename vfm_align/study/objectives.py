@@ -2,7 +2,7 @@
 
 * ``mae``: ProFound's masked reconstruction on the MAE-ViT (random masking at ``mask_ratio``,
   per-patch normalised MSE on the removed patches; the model's own loss).
-* ``fcmae``: ProFound's masked reconstruction on the ConvNeXt-V2 (family ``profound_conv``): a
+* ``fcmae``: ProFound's masked reconstruction on the ConvNeXt-V2 (backbone ``profound_conv``): a
   random mask over the 16^3 patch grid drawn from the step's rng by
   :func:`vfm_align.models.fcmae.random_mask` (each sample keeps exactly int(L * (1 - mask_ratio))
   patches, as the reference), then the FCMAE's own loss: MSE to per-patch normalised targets
@@ -22,8 +22,9 @@ from vfm_align.models.task_model import volume_to_slices
 from vfm_align.study.pairs import info_nce, pair_loss, sample_pairs
 
 OBJECTIVES = ("mae", "contrastive", "fcmae")
-# The backbone family each objective trains (it calls that family's pretraining model).
-OBJECTIVE_FAMILIES = {"mae": "mae_vit", "contrastive": "provicnet", "fcmae": "profound_conv"}
+# The backbone each objective trains (it calls that backbone's pretraining model).
+OBJECTIVE_BACKBONES = {"mae": "profound_mae", "contrastive": "provicnet", "fcmae": "profound_conv"}
+OBJECTIVE_FAMILIES = OBJECTIVE_BACKBONES  # TODO(merge): old name, remove after engine merge
 
 
 def mae_loss(cfg):

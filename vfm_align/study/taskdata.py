@@ -8,38 +8,29 @@ outputs into what each task's ``evaluate`` expects.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from vfm_align.data.cache import Recipe, preprocess_case
 from vfm_align.data.cohort import read_manifest
 from vfm_align.data.tasks import TASKS, get_task
 from vfm_align.errors import DataError
-from vfm_align.models.task_model import task_kind
-from vfm_align.train.losses import DEFAULT_LOSS
 
-__all__ = ["TASKS", "TaskSpec", "get_spec", "load_cohort", "make_task_data", "evaluate"]
+__all__ = ["TASKS", "load_cohort", "make_task_data", "evaluate"]
 
 
-@dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(NamedTuple):  # TODO(merge): old name, remove after engine merge (read the Task itself)
     name: str
-    kind: str  # TaskModel kind: "label" | "dense" | "restore"
-    loss: str  # a key of vfm_align.train.losses.LOSSES
+    kind: str
+    loss: str
     num_outputs: int
-    metric: str  # the task's primary metric (higher is better)
+    metric: str
 
 
-def task_options(task: str, seed: int) -> dict:
-    return {"seed": seed} if task == "distortion_correction" else {}
-
-
-def get_spec(task: str, seed: int = 0) -> TaskSpec:
-    t = get_task(task, **task_options(task, seed))
-    kind = task_kind(task)
-    return TaskSpec(task, kind, DEFAULT_LOSS[kind], t.num_outputs, t.primary)
+def get_spec(task: str, seed: int = 0) -> TaskSpec:  # TODO(merge): old name, remove after engine merge (get_task)
+    t = get_task(task, seed=seed)
+    return TaskSpec(t.name, t.head, t.loss, t.num_outputs, t.primary)
 
 
 def _center_crop(a: np.ndarray, hw) -> np.ndarray:
@@ -80,7 +71,7 @@ def load_cohort(manifest: str | os.PathLike, *, crop=None) -> dict:
 
 def make_task_data(cohort: dict, task: str, *, seed: int = 0) -> dict:
     """{"train": {"image", "target"}, "val": {"image", "target", "gland"}}; validation = the non-train cases."""
-    t = get_task(task, **task_options(task, seed))
+    t = get_task(task, seed=seed)
     train = cohort["split"] == "train"
     if train.all() or not train.any():
         raise DataError("cohort needs both training and held-out cases (manifest 'split' column)")
@@ -94,15 +85,6 @@ def make_task_data(cohort: dict, task: str, *, seed: int = 0) -> dict:
 
 def evaluate(task: str, out: np.ndarray, val: dict, *, seed: int = 0) -> float:
     """The task's primary metric from raw model outputs (logits or restored volumes) on the validation set."""
-    t = get_task(task, **task_options(task, seed))
-    kind = task_kind(task)
-    out = np.asarray(out, np.float32)
-    if task == "classification":
-        preds = np.asarray(jax.nn.softmax(out, axis=-1))
-    elif task == "detection":
-        preds = np.asarray(jax.nn.softmax(out, axis=-1))[..., 1]
-    elif kind == "dense":
-        preds = out.argmax(-1)
-    else:
-        preds = out
+    t = get_task(task, seed=seed)
+    preds = t.predictions(np.asarray(out, np.float32))
     return float(t.evaluate(preds, val["target"], val["gland"])[t.primary])

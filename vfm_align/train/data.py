@@ -88,15 +88,4 @@ class CohortValidation:
         self.task, self.primary = task, task.primary
 
     def evaluate(self, outputs: np.ndarray) -> dict:
-        from scipy.special import softmax
-
-        t = self.task
-        if t.name == "detection":
-            preds = softmax(outputs, axis=-1)[..., 1]  # lesion likelihood map
-        elif t.kind == "classification":
-            preds = softmax(outputs, axis=-1)
-        elif t.kind == "segmentation":
-            preds = outputs.argmax(-1)
-        else:
-            preds = outputs
-        return t.evaluate(preds, self.targets, self.glands)
+        return self.task.evaluate(self.task.predictions(outputs), self.targets, self.glands)

@@ -60,9 +60,12 @@ def l2(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 LOSSES = {"ce": cross_entropy, "dice_ce": dice_ce, "l1": l1, "l2": l2}
 
-# The loss of each TaskModel kind unless a recipe names another. Restoration: MSE (ProFound's
-# regression loss), whose minimiser is the conditional mean that PSNR rewards. L1's is the
-# conditional median, which stays at the identity when the needed correction is ~0 on most voxels and
-# large only at edges (as for thick slices). tests/test_train_loop.py's super-resolution check,
-# 30 steps at lr 3e-3: L1 +0.3 dB over the degraded input, MSE +1.6 dB.
-DEFAULT_LOSS = {"label": "ce", "dense": "dice_ce", "restore": "l2"}
+
+
+def _default_loss_by_head():  # TODO(merge): old name, remove after engine merge (use get_task(name).loss)
+    from vfm_align.data.tasks import TASKS, get_task
+
+    return {t.head: t.loss for t in map(get_task, TASKS)}
+
+
+DEFAULT_LOSS = _default_loss_by_head()  # TODO(merge): old name, remove after engine merge

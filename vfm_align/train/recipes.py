@@ -2,51 +2,71 @@
 
 ``base_config(backbone, task, variant)`` fills every field the loop reads with neutral values;
 ``recipe_config`` adds the reference fine-tuning settings of each backbone and task (each cited), and
-is what the files in ``configs/`` return. ``variant`` "tiny" gives CPU-sized models and volumes
+is what ``configs/finetune.py`` returns. ``variant`` "tiny" gives CPU-sized models and volumes
 (16x32x32 voxels; widths 16-32) for smoke runs and tests; "default" the released sizes.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import ml_collections as mlc
 
-from vfm_align.errors import ConfigError
 from vfm_align.data.tasks import TASKS, get_task
+from vfm_align.errors import ConfigError
+
+
+class Backbone(NamedTuple):
+    """One backbone of the recipes: the arch it is built (and saved) as, its family ("volume": whole volumes;
+    "slices": 2.5D slices), its released and its tiny (CPU-sized) config, and its in-loop alignment sites."""
+
+    arch: str
+    family: str
+    released: dict
+    tiny: dict
+    sites: tuple[str, ...]
+
+
+# ConvNeXt-V2 "tiny for CPU" sizes (reference: depths (3, 3, 9, 3), dims (96, 192, 384, 768)). The "lax"
+# depthwise conv: the CPU-fast "shift" form is slow to compile, which dominates tiny runs.
+TINY_CONVNEXT = {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32), "dwconv_impl": "lax"}
 
 BACKBONES = {
-    # arch, family, released config, tiny config, in-loop alignment sites
-    "profound_conv": ("profound_conv", "volume", {},
-                      # "lax" depthwise conv: the CPU-fast "shift" form is slow to compile, which dominates tiny runs.
-                      {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 32), "dwconv_impl": "lax"}, ("pooled", "stage3")),
-    "profound_mae": ("profound_mae_vit", "volume", {},
-                     {"patch_size": (4, 8, 8), "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
-                      "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2, "decoder_mlp_dim": 32,
-                      "num_patches": 64, "img_size": (16, 32, 32)}, ("pooled", "patch")),
-    "provicnet": ("provicnet", "slices", {"cl_out": 0},
-                  {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64,
-                   "pos_src_grid": 4, "head_channels": (8, 8), "cl_out": 0}, ("pooled", "patch")),
+    "profound_conv": Backbone("profound_conv", "volume", {}, TINY_CONVNEXT, ("pooled", "stage3")),
+    "profound_mae": Backbone("profound_mae_vit", "volume", {},
+                             {"patch_size": (4, 8, 8), "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
+                              "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2,
+                              "decoder_mlp_dim": 32, "num_patches": 64, "img_size": (16, 32, 32)},
+                             ("pooled", "patch")),
+    "provicnet": Backbone("provicnet", "slices", {"cl_out": 0},
+                          {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                           "mlp_hidden": 64, "pos_src_grid": 4, "head_channels": (8, 8), "cl_out": 0},
+                          ("pooled", "patch")),
 }
 
-# Output widths follow the task definitions (segmentation: bg/TZ/PZ; super-resolution: T2w;
-# distortion correction: [DWI, ADC]), so recipes and cohort targets always agree.
-TASK_OUTPUTS = {name: get_task(name).num_outputs for name in TASKS}
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{name}'; known: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+VARIANTS = ("default", "tiny")
 
 
 def base_config(backbone: str, task: str, variant: str = "default") -> mlc.ConfigDict:
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{backbone}'; known: {sorted(BACKBONES)}")
-    if task not in TASK_OUTPUTS:
-        raise ConfigError(f"unknown task '{task}'; known: {sorted(TASK_OUTPUTS)}")
-    if variant not in ("default", "tiny"):
-        raise ConfigError(f"unknown recipe variant '{variant}' (choose default or tiny)")
-    arch, family, released, tiny_cfg, sites = BACKBONES[backbone]
+    b = get_backbone(backbone)
+    if task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; known: {sorted(TASKS)}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown recipe variant '{variant}' (choose {' or '.join(VARIANTS)})")
     tiny = variant == "tiny"
     c = mlc.ConfigDict()
     c.run = dict(workdir=f"runs/{backbone}_{task}", seed=0)
-    c.model = dict(arch=arch, config=dict(tiny_cfg if tiny else released), pretrained="", family=family,
+    c.model = dict(arch=b.arch, config=dict(b.tiny if tiny else b.released), pretrained="", family=b.family,
                    feature_site="", head_hidden=16 if tiny else 64, freeze_backbone=False,
                    slice_channel=0, slice_window=3, slice_size=0 if tiny else 448)
-    c.task = dict(name=task, num_outputs=TASK_OUTPUTS[task], loss="")
+    c.task = dict(name=task, num_outputs=get_task(task).num_outputs, loss="")
     # root: a cohort manifest; cache: the preprocessing cache (default: beside the manifest).
     c.data = dict(root="", cache="", shape=(16, 32, 32) if tiny else (64, 224, 224))
     # AdamW + warmup/cosine, as ProFound's fine-tuning engines (reference-models.md 2.7).
@@ -58,7 +78,7 @@ def base_config(backbone: str, task: str, variant: str = "default") -> mlc.Confi
                    compute_dtype="float32", async_checkpoint=True)
     # fsdp_min_size: weights smaller than this stay replicated.
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**10 if tiny else 2**16)
-    c.align = dict(every=20 if tiny else 250, sites=sites, probe_cases=8 if tiny else 32,
+    c.align = dict(every=20 if tiny else 250, sites=b.sites, probe_cases=8 if tiny else 32,
                    num_features=512 if tiny else 2048, max_rows=2048 if tiny else 8192)
     return c
 
