@@ -1,0 +1,195 @@
+"""Sliding-window inference of a volume model over a volume of any size (MONAI's conventions).
+
+* Windows have the model's input size ``roi`` (D, H, W). A volume smaller than ``roi`` along an axis
+  is first zero-padded there (constant padding, ``diff // 2`` before and the rest after).
+* Window starts: step ``int(roi * (1 - overlap))`` (at least 1; ``roi`` when the axis equals ``roi``),
+  the last window shifted back to end at the border (MONAI ``dense_patch_slices``).
+* Each window's output is weighted by a Gaussian importance map centred on the window,
+  ``exp(-x^2 / (2 sigma^2))`` with ``sigma = sigma_scale * roi`` per axis (peak 1, values below
+  ``max(min, 1e-3)`` raised to it), and the blend is ``sum_i w_i p_i / sum_i w_i`` per voxel.
+  Here each window's weight is divided by the normaliser ``sum_i w_i`` before it is added, which is
+  the same blend and makes a single window covering the volume return the model's output exactly.
+
+Windows are run ``batch_size`` at a time in one jitted step. The blended output is accumulated on
+the device (one jitted scan over all batches) or on the host (a jitted step per batch, added into a
+numpy array while the next batch runs); :func:`choose_accumulation` picks by memory (see there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from vfm_align.errors import ConfigError
+
+SIGMA_SCALE = 0.125  # MONAI's default for mode="gaussian"
+DEVICE_FRACTION = 0.25  # accumulate on an accelerator when the accumulators take at most this share of its memory
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows of ``roi`` go over a (D, H, W) volume."""
+
+    shape: tuple  # the input (D, H, W)
+    roi: tuple
+    pad_before: tuple
+    padded: tuple  # (D, H, W) after padding up to roi
+    starts: np.ndarray  # (n, 3) int window starts in the padded volume
+
+    @property
+    def crop(self) -> tuple:
+        return tuple(slice(p, p + s) for p, s in zip(self.pad_before, self.shape))
+
+
+def _axis_starts(size: int, roi: int, overlap: float) -> list[int]:
+    interval = roi if roi == size else max(int(roi * (1 - overlap)), 1)
+    num = int(math.ceil(size / interval))
+    n = next((d for d in range(num) if d * interval + roi >= size), None)
+    count = n + 1 if n is not None else 1
+    return [i * interval - max(i * interval + roi - size, 0) for i in range(count)]
+
+
+def plan_windows(shape, roi, overlap: float = 0.5) -> WindowPlan:
+    shape, roi = tuple(int(s) for s in shape), tuple(int(r) for r in roi)
+    if len(shape) != 3 or len(roi) != 3 or min(roi) < 1:
+        raise ConfigError(f"sliding window needs 3D sizes, got volume {shape} and window {roi}")
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    diff = [max(r - s, 0) for r, s in zip(roi, shape)]
+    before = tuple(d // 2 for d in diff)
+    padded = tuple(s + d for s, d in zip(shape, diff))
+    axes = [_axis_starts(p, r, overlap) for p, r in zip(padded, roi)]
+    starts = np.stack([g.ravel() for g in np.meshgrid(*axes, indexing="ij")], axis=1).astype(np.int32)
+    return WindowPlan(shape, roi, before, padded, starts)
+
+
+def importance_map(roi, sigma_scale: float = SIGMA_SCALE, mode: str = "gaussian") -> np.ndarray:
+    """(D, H, W) float32 window weights: MONAI ``compute_importance_map`` (gaussian or constant)."""
+    if mode == "constant":
+        return np.ones(tuple(roi), np.float32)
+    if mode != "gaussian":
+        raise ConfigError(f"importance mode must be 'gaussian' or 'constant', got '{mode}'")
+    w = np.ones((), np.float32)
+    for r in roi:
+        x = np.arange(-(r - 1) / 2.0, (r - 1) / 2.0 + 1, dtype=np.float32)
+        sigma = np.float32(r * sigma_scale)
+        w = w[..., None] * np.exp(x ** 2 / (-2 * sigma ** 2)).astype(np.float32)
+    return np.maximum(w, max(float(w.min()), 1e-3)).astype(np.float32)
+
+
+def normaliser(plan: WindowPlan, weight: np.ndarray) -> np.ndarray:
+    """sum_i w_i over the padded volume (float32), the denominator of the blend."""
+    norm = np.zeros(plan.padded, np.float32)
+    for s in plan.starts:
+        norm[tuple(slice(a, a + r) for a, r in zip(s, plan.roi))] += weight
+    return norm
+
+
+def accumulator_bytes(padded, num_outputs: int, channels: int) -> int:
+    """Bytes held for the whole volume: the padded input, the normaliser and the output accumulator."""
+    return int(np.prod(padded)) * 4 * (channels + 1 + num_outputs)
+
+
+def choose_accumulation(padded, num_outputs: int, channels: int, device=None) -> str:
+    """"device" on an accelerator whose memory holds the whole-volume arrays within DEVICE_FRACTION of it,
+    "host" otherwise (always on the CPU: there the host array is added in place, with no second copy
+    of the accumulator inside the compiled loop)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return "host"
+    limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    return "device" if accumulator_bytes(padded, num_outputs, channels) <= DEVICE_FRACTION * limit else "host"
+
+
+def _window_step(predict, roi):
+    """(image, norm, weight, starts (B,3), valid (B,)) -> (B, *roi, K) outputs times their blend weight."""
+
+    def step(image, norm, weight, starts, valid):
+        c = image.shape[-1]
+        wins = jax.vmap(lambda s: jax.lax.dynamic_slice(image, (*s, 0), (*roi, c)))(starts)
+        dens = jax.vmap(lambda s: jax.lax.dynamic_slice(norm, tuple(s), roi))(starts)
+        out = predict(wins).astype(jnp.float32)
+        w = weight[None] / dens * valid[:, None, None, None]
+        return out * w[..., None]
+
+    return step
+
+
+def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma_scale: float = SIGMA_SCALE,
+                             mode: str = "gaussian", batch_size: int = 1, accumulate: str = "auto",
+                             progress: bool = False) -> np.ndarray:
+    """Blend ``predict`` over windows of ``roi`` covering ``image`` (D, H, W, C); returns (D, H, W, K) float32.
+
+    ``predict`` maps a jax array (N, *roi, C) to (N, *roi, K); it is traced inside this function's jit.
+    ``accumulate``: "device", "host" or "auto" (:func:`choose_accumulation`).
+    """
+    image = np.asarray(image, np.float32)
+    if image.ndim != 4:
+        raise ConfigError(f"sliding window needs a (D, H, W, C) volume, got shape {image.shape}")
+    if batch_size < 1:
+        raise ConfigError(f"window batch size must be >= 1, got {batch_size}")
+    plan = plan_windows(image.shape[:3], roi, overlap)
+    roi = plan.roi
+    pad = [(b, p - s - b) for b, p, s in zip(plan.pad_before, plan.padded, plan.shape)] + [(0, 0)]
+    padded = np.pad(image, pad) if any(p != (0, 0) for p in pad) else image
+    weight = importance_map(roi, sigma_scale, mode)
+    norm = normaliser(plan, weight)
+    c = image.shape[-1]
+    k = jax.eval_shape(predict, jax.ShapeDtypeStruct((1, *roi, c), jnp.float32)).shape[-1]
+    if accumulate == "auto":
+        accumulate = choose_accumulation(plan.padded, k, c)
+    if accumulate not in ("device", "host"):
+        raise ConfigError(f"accumulate must be 'device', 'host' or 'auto', got '{accumulate}'")
+    n = len(plan.starts)
+    nb = -(-n // batch_size)
+    starts = np.concatenate([plan.starts, np.repeat(plan.starts[-1:], nb * batch_size - n, 0)])
+    valid = (np.arange(nb * batch_size) < n).astype(np.float32)
+    starts, valid = starts.reshape(nb, batch_size, 3), valid.reshape(nb, batch_size)
+    step = _window_step(predict, roi)
+    x, nrm, wt = jnp.asarray(padded), jnp.asarray(norm), jnp.asarray(weight)
+    if accumulate == "device":
+        out = np.asarray(_device_blend(step, roi, k)(x, nrm, wt, jnp.asarray(starts), jnp.asarray(valid)))
+    else:
+        out = _host_blend(jax.jit(step), x, nrm, wt, starts, valid, plan.padded, k, progress)
+    return np.ascontiguousarray(out[plan.crop])
+
+
+def _device_blend(step, roi, k):
+    @jax.jit
+    def run(image, norm, weight, starts, valid):
+        def body(acc, batch):
+            s, v = batch
+            out = step(image, norm, weight, s, v)
+            for b in range(s.shape[0]):
+                idx = (*s[b], 0)
+                acc = jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, idx, (*roi, k)) + out[b], idx)
+            return acc, None
+
+        acc = jnp.zeros((*image.shape[:3], k), jnp.float32)
+        return jax.lax.scan(body, acc, (starts, valid))[0]
+
+    return run
+
+
+def _host_blend(step, image, norm, weight, starts, valid, padded, k, progress):
+    acc = np.zeros((*padded, k), np.float32)
+    pending = None
+
+    def add(res, s, v):
+        res = np.asarray(res)
+        for b in range(len(s)):
+            if v[b]:
+                acc[tuple(slice(a, a + r) for a, r in zip(s[b], res.shape[1:4]))] += res[b]
+
+    for i in tqdm(range(len(starts)), desc="windows", unit="batch", disable=not progress):
+        res = step(image, norm, weight, jnp.asarray(starts[i]), jnp.asarray(valid[i]))
+        if pending is not None:  # fetch batch i-1 while batch i runs
+            add(*pending)
+        pending = (res, starts[i], valid[i])
+    add(*pending)
+    return acc
