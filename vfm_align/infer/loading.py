@@ -36,6 +36,9 @@ class InferenceModel:
     activation: str  # "softmax", "sigmoid" or "none", applied to the model's outputs
     identity: str  # sha256 of what defines the weights (sidecar / config text and checkpoint step)
     finetuned: bool = False
+    # compiled-function caches filled by vfm_align.infer.volume (one compile per model, reused across cases)
+    _predict: object = dataclasses.field(default=None, repr=False, compare=False)
+    _jit: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _sha(*parts: str) -> str:

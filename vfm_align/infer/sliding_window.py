@@ -11,14 +11,17 @@
   the same blend and makes a single window covering the volume return the model's output exactly.
 
 Windows are run ``batch_size`` at a time in one jitted step. The blended output is accumulated on
-the device (one jitted scan over all batches) or on the host (a jitted step per batch, added into a
-numpy array while the next batch runs); :func:`choose_accumulation` picks by memory (see there).
+the device (one jitted scan over all batches; compiled per volume shape) or on the host (windows
+cut on the host, a jitted step of fixed shape per batch, compiled once per ``predict`` and window
+size, its result added into a numpy array while the next batch runs); :func:`choose_accumulation`
+picks by memory (see there).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +123,16 @@ def _window_step(predict, roi):
     return step
 
 
+_HOST_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # predict -> jitted fixed-shape step
+
+
+def _host_step(predict):
+    """jit((windows (B, *roi, C), weights (B, *roi)) -> weighted outputs), one per ``predict`` (reused across cases)."""
+    if predict not in _HOST_STEPS:
+        _HOST_STEPS[predict] = jax.jit(lambda wins, w: predict(wins).astype(jnp.float32) * w[..., None])
+    return _HOST_STEPS[predict]
+
+
 def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma_scale: float = SIGMA_SCALE,
                              mode: str = "gaussian", batch_size: int = 1, accumulate: str = "auto",
                              progress: bool = False) -> np.ndarray:
@@ -150,12 +163,12 @@ def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma
     starts = np.concatenate([plan.starts, np.repeat(plan.starts[-1:], nb * batch_size - n, 0)])
     valid = (np.arange(nb * batch_size) < n).astype(np.float32)
     starts, valid = starts.reshape(nb, batch_size, 3), valid.reshape(nb, batch_size)
-    step = _window_step(predict, roi)
-    x, nrm, wt = jnp.asarray(padded), jnp.asarray(norm), jnp.asarray(weight)
     if accumulate == "device":
+        step = _window_step(predict, roi)
+        x, nrm, wt = jnp.asarray(padded), jnp.asarray(norm), jnp.asarray(weight)
         out = np.asarray(_device_blend(step, roi, k)(x, nrm, wt, jnp.asarray(starts), jnp.asarray(valid)))
     else:
-        out = _host_blend(jax.jit(step), x, nrm, wt, starts, valid, plan.padded, k, progress)
+        out = _host_blend(_host_step(predict), padded, norm, weight, starts, valid, roi, k, progress)
     return np.ascontiguousarray(out[plan.crop])
 
 
@@ -176,18 +189,23 @@ def _device_blend(step, roi, k):
     return run
 
 
-def _host_blend(step, image, norm, weight, starts, valid, padded, k, progress):
-    acc = np.zeros((*padded, k), np.float32)
+def _host_blend(step, image, norm, weight, starts, valid, roi, k, progress):
+    acc = np.zeros((*image.shape[:3], k), np.float32)
     pending = None
+
+    def window(s):
+        return tuple(slice(a, a + r) for a, r in zip(s, roi))
 
     def add(res, s, v):
         res = np.asarray(res)
         for b in range(len(s)):
             if v[b]:
-                acc[tuple(slice(a, a + r) for a, r in zip(s[b], res.shape[1:4]))] += res[b]
+                acc[window(s[b])] += res[b]
 
     for i in tqdm(range(len(starts)), desc="windows", unit="batch", disable=not progress):
-        res = step(image, norm, weight, jnp.asarray(starts[i]), jnp.asarray(valid[i]))
+        wins = np.stack([image[window(s)] for s in starts[i]])
+        w = np.stack([weight / norm[window(s)] * v for s, v in zip(starts[i], valid[i])]).astype(np.float32)
+        res = step(wins, w)
         if pending is not None:  # fetch batch i-1 while batch i runs
             add(*pending)
         pending = (res, starts[i], valid[i])

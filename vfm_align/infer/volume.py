@@ -59,6 +59,9 @@ def from_canonical_array(x_dhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _predictor(model: InferenceModel):
+    """The model's jittable window function, built once per model so its compiled steps are reused across cases."""
+    if getattr(model, "_predict", None) is not None:
+        return model._predict
     graphdef, state = nnx.split(model.module)
 
     def predict(x):
@@ -70,6 +73,7 @@ def _predictor(model: InferenceModel):
             return jax.nn.softmax(out, axis=-1)
         return jax.nn.sigmoid(out) if model.activation == "sigmoid" else out
 
+    model._predict = predict
     return predict
 
 
@@ -115,7 +119,9 @@ def predict_volume(model: InferenceModel, images: dict, *, case=None, overlap: f
     predict = _predictor(model)
     if model.task == "classification":
         crop, _ = center_crop_pad(image, model.roi)
-        probs = np.asarray(jax.jit(predict)(jnp.asarray(crop[None])))[0]
+        if getattr(model, "_jit", None) is None:
+            model._jit = jax.jit(predict)
+        probs = np.asarray(model._jit(jnp.asarray(crop[None])))[0]
         recipe = {**recipe, "crop": f"centre crop / zero pad to {list(model.roi)}"}
         return VolumePrediction(model.task, ref, {"probs": probs.astype(np.float64)}, recipe)
     out = sliding_window_inference(predict, image, model.roi, overlap=overlap, sigma_scale=sigma_scale,
