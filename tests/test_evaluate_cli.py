@@ -122,3 +122,28 @@ def test_missing_prediction_is_named(cohort, tmp_path, capsys):
     assert cli_main(["evaluate", "--pred", str(tmp_path), "--data", cohort["manifest"], "--task", "segmentation",
                      "--quiet"]) == 1
     assert "c0" in capsys.readouterr().err
+
+
+def test_restoration_metrics(cohort, tmp_path):
+    from vfm_align.data.cache import Recipe, preprocess_case
+    from vfm_align.data.cohort import read_manifest
+    from vfm_align.infer.volume import from_canonical_array
+
+    task = get_task("super_resolution")
+    rng = np.random.default_rng(3)
+    preds, targets, glands = [], [], []
+    for c in read_manifest(cohort["manifest"]).cases:
+        s = preprocess_case(c, Recipe())
+        target = task.make({**s, "labels": {}, "case_id": c.case_id, "spacing": s["meta"]["spacing"]})[1]
+        pred = (target + 0.1 * rng.normal(size=target.shape)).astype(np.float32)  # on the RAS+ training grid
+        ref = load_volume(c.paths["t2w"])
+        write_case(str(tmp_path / c.case_id), task.name, ref, {"restored": from_canonical_array(pred, ref.affine)},
+                   {"case_id": c.case_id}, threshold=0.5)
+        preds.append(pred)
+        targets.append(target)
+        glands.append(s["gland"])
+    assert cli_main(["evaluate", "--pred", str(tmp_path), "--data", cohort["manifest"], "--task", task.name,
+                     "--quiet"]) == 0
+    m = json.load(open(tmp_path / "metrics.json"))
+    assert m["task_metrics"] == pytest.approx(task.evaluate(preds, targets, glands), abs=1e-9)
+    assert m["per_case"]["c1"] == pytest.approx(task.evaluate(preds[1:2], targets[1:2], glands[1:2]), abs=1e-9)
