@@ -93,9 +93,21 @@ def normaliser(plan: WindowPlan, weight: np.ndarray) -> np.ndarray:
     return norm
 
 
-def accumulator_bytes(padded, num_outputs: int, channels: int) -> int:
-    """Bytes held for the whole volume: the padded input, the normaliser and the output accumulator."""
-    return int(np.prod(padded)) * 4 * (channels + 1 + num_outputs)
+def _clip(plan: WindowPlan, start) -> tuple[tuple, tuple]:
+    """(slices of the input volume, slices of the window) where a window at ``start`` (padded coordinates) meets
+    the unpadded input."""
+    src, dst = [], []
+    for a, r, b, n in zip(start, plan.roi, plan.pad_before, plan.shape):
+        lo, hi = max(a - b, 0), min(a - b + r, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - (a - b), hi - (a - b)))
+    return tuple(src), tuple(dst)
+
+
+def accumulator_bytes(shape, num_outputs: int, channels: int) -> int:
+    """Bytes held for the whole volume of ``shape``: the input, the normaliser and the output accumulator (the
+    host path holds them on the input's grid; the device path on the padded grid)."""
+    return int(np.prod(shape)) * 4 * (channels + 1 + num_outputs)
 
 
 def choose_accumulation(padded, num_outputs: int, channels: int, device=None) -> str:
@@ -148,10 +160,7 @@ def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma
         raise ConfigError(f"window batch size must be >= 1, got {batch_size}")
     plan = plan_windows(image.shape[:3], roi, overlap)
     roi = plan.roi
-    pad = [(b, p - s - b) for b, p, s in zip(plan.pad_before, plan.padded, plan.shape)] + [(0, 0)]
-    padded = np.pad(image, pad) if any(p != (0, 0) for p in pad) else image
     weight = importance_map(roi, sigma_scale, mode)
-    norm = normaliser(plan, weight)
     c = image.shape[-1]
     k = jax.eval_shape(predict, jax.ShapeDtypeStruct((1, *roi, c), jnp.float32)).shape[-1]
     if accumulate == "auto":
@@ -163,12 +172,13 @@ def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma
     starts = np.concatenate([plan.starts, np.repeat(plan.starts[-1:], nb * batch_size - n, 0)])
     valid = (np.arange(nb * batch_size) < n).astype(np.float32)
     starts, valid = starts.reshape(nb, batch_size, 3), valid.reshape(nb, batch_size)
-    if accumulate == "device":
-        step = _window_step(predict, roi)
-        x, nrm, wt = jnp.asarray(padded), jnp.asarray(norm), jnp.asarray(weight)
-        out = np.asarray(_device_blend(step, roi, k)(x, nrm, wt, jnp.asarray(starts), jnp.asarray(valid)))
-    else:
-        out = _host_blend(_host_step(predict), padded, norm, weight, starts, valid, roi, k, progress)
+    if accumulate == "host":
+        return _host_blend(_host_step(predict), plan, image, weight, starts, valid, k, progress)
+    pad = [(b, p - s - b) for b, p, s in zip(plan.pad_before, plan.padded, plan.shape)] + [(0, 0)]
+    padded = np.pad(image, pad) if any(p != (0, 0) for p in pad) else image
+    step = _window_step(predict, roi)
+    x, nrm, wt = jnp.asarray(padded), jnp.asarray(normaliser(plan, weight)), jnp.asarray(weight)
+    out = np.asarray(_device_blend(step, roi, k)(x, nrm, wt, jnp.asarray(starts), jnp.asarray(valid)))
     return np.ascontiguousarray(out[plan.crop])
 
 
@@ -189,22 +199,30 @@ def _device_blend(step, roi, k):
     return run
 
 
-def _host_blend(step, image, norm, weight, starts, valid, roi, k, progress):
-    acc = np.zeros((*image.shape[:3], k), np.float32)
+def _host_blend(step, plan, image, weight, starts, valid, k, progress):
+    """Windows cut from the unpadded input (zeros beyond it); normaliser and accumulator on the input's grid."""
+    norm = np.zeros(plan.shape, np.float32)
+    for s in plan.starts:
+        src, dst = _clip(plan, s)
+        norm[src] += weight[dst]
+    acc = np.zeros((*plan.shape, k), np.float32)
+    c = image.shape[-1]
     pending = None
-
-    def window(s):
-        return tuple(slice(a, a + r) for a, r in zip(s, roi))
 
     def add(res, s, v):
         res = np.asarray(res)
         for b in range(len(s)):
             if v[b]:
-                acc[window(s[b])] += res[b]
+                src, dst = _clip(plan, s[b])
+                acc[src] += res[b][dst]
 
     for i in tqdm(range(len(starts)), desc="windows", unit="batch", disable=not progress):
-        wins = np.stack([image[window(s)] for s in starts[i]])
-        w = np.stack([weight / norm[window(s)] * v for s, v in zip(starts[i], valid[i])]).astype(np.float32)
+        wins = np.zeros((len(starts[i]), *plan.roi, c), np.float32)
+        w = np.zeros((len(starts[i]), *plan.roi), np.float32)
+        for b, (s, v) in enumerate(zip(starts[i], valid[i])):
+            src, dst = _clip(plan, s)
+            wins[b][dst] = image[src]
+            w[b][dst] = weight[dst] / norm[src] * v
         res = step(wins, w)
         if pending is not None:  # fetch batch i-1 while batch i runs
             add(*pending)
