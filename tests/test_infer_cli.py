@@ -114,7 +114,7 @@ def test_finetuned_segmentation_run_on_las_volume(volumes, tmp_path):
     x[..., 0] = t2[:, :, ::-1]
     x = zscore_nonzero(x)
     gd, st = nnx.split(m.module)
-    ref = sliding_window_inference(lambda v: jax.nn.softmax(nnx.merge(gd, st)(v)[0], -1), x, (4, 16, 16))
+    ref = sliding_window_inference(lambda p, v: jax.nn.softmax(nnx.merge(gd, p)(v)[0], -1), x, (4, 16, 16), params=st)
     np.testing.assert_allclose(prob.transpose(2, 1, 0, 3), ref[:, :, ::-1], atol=1e-5)
     # the exported backbone inside the run resolves to the run; refusing to overwrite without --overwrite
     assert cli_main(["infer", "--model", run, "--image", volumes["t2w"], "--out", str(out), "--quiet"]) == 1

@@ -70,6 +70,23 @@ def one(name: str, cases: int, volume_shape, slice_shape) -> dict:
     model_dir = save_model(build_model(arch, cfg, rngs=nnx.Rngs(0)), arch, cfg, os.path.join(tmp, "model"))
     model = load_for_inference(model_dir)
     shape = slice_shape if name == "provicnet" else volume_shape
+    out = {}
+    if name == "upernet":  # planned memory of one window batch, and of a 30x640x640 volume's accumulators
+        from vfm_align.infer.sliding_window import _host_step
+        from vfm_align.infer.volume import _predictor
+
+        predict, state = _predictor(model)
+        step = _host_step(predict)
+        roi = model.roi
+        mem = step.lower(state, jax.ShapeDtypeStruct((1, *roi, 3), jnp.float32),
+                         jax.ShapeDtypeStruct((1, *roi), jnp.float32)).compile().memory_analysis()
+        step_bytes = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        plan = plan_windows((30, 640, 640), roi, 0.5)
+        acc = accumulator_bytes(plan.shape, 9, 3)  # the host path (CPU) holds them on the input grid
+        out["window_step_gb"] = step_bytes / 2 ** 30
+        out["est_30x640x640_gb"] = (step_bytes + acc) / 2 ** 30  # the weights are among the step arguments
+        out["windows_30x640x640"] = len(plan.starts)
+    print(json.dumps({"planned": out}), flush=True)  # before running: survives a stop for memory
     times = []
     for i in range(cases + 1):
         img = _write_case(os.path.join(tmp, f"case{i}.nii.gz"), shape, i)
@@ -85,26 +102,31 @@ def one(name: str, cases: int, volume_shape, slice_shape) -> dict:
             p = predict_volume(model, {"t2w": img})
             write_case(os.path.join(tmp, f"out{i}"), p.task, p.reference, p.arrays, {}, threshold=0.5)
         times.append(time.perf_counter() - t0)
-    out = {"model": name, "arch": arch, "shape": list(shape), "first_case_s": times[0],
+    out = {**out, "model": name, "arch": arch, "shape": list(shape), "first_case_s": times[0],
            "per_case_s": float(np.median(times[1:])) if cases else None,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     out["cases_per_min"] = 60.0 / out["per_case_s"] if cases else None
-    if name == "upernet":  # planned memory of one window batch, and of a 30x640x640 volume's accumulators
-        from vfm_align.infer.sliding_window import _host_step
-        from vfm_align.infer.volume import _predictor
-
-        step = _host_step(_predictor(model))
-        roi = model.roi
-        mem = step.lower(jax.ShapeDtypeStruct((1, *roi, 3), jnp.float32),
-                         jax.ShapeDtypeStruct((1, *roi), jnp.float32)).compile().memory_analysis()
-        step_bytes = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-        plan = plan_windows((30, 640, 640), roi, 0.5)
-        acc = accumulator_bytes(plan.shape, 9, 3)  # the host path (CPU) holds them on the input grid
-        weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.module)))
-        out["window_step_gb"] = step_bytes / 2 ** 30
-        out["est_30x640x640_gb"] = (step_bytes + acc + weights) / 2 ** 30
-        out["windows_30x640x640"] = len(plan.starts)
     return out
+
+
+def _run_watched(cmd, max_gb):
+    """Run ``cmd``, polling its resident memory; stop it above ``max_gb``. (stdout, peak GB, stopped)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak, stopped = 0.0, False
+    while proc.poll() is None:
+        try:
+            status = open(f"/proc/{proc.pid}/status").read()
+            rss = int(status.split("VmRSS:")[1].split()[0]) / 2 ** 20
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) / 2 ** 20)
+        except (OSError, IndexError, ValueError):
+            rss = 0.0
+        if rss > max_gb:
+            proc.kill()
+            stopped = True
+            break
+        time.sleep(0.2)
+    stdout = proc.communicate()[0]
+    return stdout, peak, stopped
 
 
 def main():
@@ -113,6 +135,7 @@ def main():
     ap.add_argument("--cases", type=int, default=1, help="timed cases after the compiling one (default 1)")
     ap.add_argument("--volume-shape", type=int, nargs=3, default=(30, 224, 224), metavar=("D", "H", "W"))
     ap.add_argument("--slice-shape", type=int, nargs=3, default=(20, 256, 256), metavar=("D", "H", "W"))
+    ap.add_argument("--max-gb", type=float, default=8.0, help="stop a model whose resident memory passes this (GB)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -125,13 +148,16 @@ def main():
     for name in args.models:
         cmd = [sys.executable, __file__, "--one", name, "--cases", str(args.cases),
                "--volume-shape", *map(str, args.volume_shape), "--slice-shape", *map(str, args.slice_shape)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{name}: failed\n{res.stderr[-2000:]}")
-            continue
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        per = f"{r['per_case_s']:8.1f} {r['cases_per_min']:9.2f}" if r["per_case_s"] else f"{'-':>8s} {'-':>9s}"
-        print(f"{name:10s} {'x'.join(map(str, r['shape'])):>14s} {r['first_case_s']:10.1f} {per} {r['peak_rss_gb']:8.2f}")
+        stdout, peak, stopped = _run_watched(cmd, args.max_gb)
+        lines = [json.loads(x) for x in stdout.strip().splitlines() if x.startswith("{")]
+        r = lines[-1] if lines and "planned" not in lines[-1] else None
+        if r is None:
+            what = f"stopped at {peak:.1f} GB resident (--max-gb {args.max_gb})" if stopped else "failed"
+            print(f"{name:10s} {what}")
+            r = lines[0]["planned"] if lines else {}
+        else:
+            per = f"{r['per_case_s']:8.1f} {r['cases_per_min']:9.2f}" if r["per_case_s"] else f"{'-':>8s} {'-':>9s}"
+            print(f"{name:10s} {'x'.join(map(str, r['shape'])):>14s} {r['first_case_s']:10.1f} {per} {peak:8.2f}")
         if "est_30x640x640_gb" in r:
             print(f"{'':10s} one 64x224x224 window planned by XLA: {r['window_step_gb']:.2f} GB; a 30x640x640 volume "
                   f"({r['windows_30x640x640']} windows at overlap 0.5): estimated peak {r['est_30x640x640_gb']:.2f} GB")

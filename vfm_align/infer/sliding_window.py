@@ -121,14 +121,18 @@ def choose_accumulation(padded, num_outputs: int, channels: int, device=None) ->
     return "device" if accumulator_bytes(padded, num_outputs, channels) <= DEVICE_FRACTION * limit else "host"
 
 
-def _window_step(predict, roi):
-    """(image, norm, weight, starts (B,3), valid (B,)) -> (B, *roi, K) outputs times their blend weight."""
+def _call(predict, params, x):
+    return predict(x) if params is None else predict(params, x)
 
-    def step(image, norm, weight, starts, valid):
+
+def _window_step(predict, roi):
+    """(params, image, norm, weight, starts (B,3), valid (B,)) -> (B, *roi, K) outputs times their blend weight."""
+
+    def step(params, image, norm, weight, starts, valid):
         c = image.shape[-1]
         wins = jax.vmap(lambda s: jax.lax.dynamic_slice(image, (*s, 0), (*roi, c)))(starts)
         dens = jax.vmap(lambda s: jax.lax.dynamic_slice(norm, tuple(s), roi))(starts)
-        out = predict(wins).astype(jnp.float32)
+        out = _call(predict, params, wins).astype(jnp.float32)
         w = weight[None] / dens * valid[:, None, None, None]
         return out * w[..., None]
 
@@ -139,18 +143,22 @@ _HOST_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # predic
 
 
 def _host_step(predict):
-    """jit((windows (B, *roi, C), weights (B, *roi)) -> weighted outputs), one per ``predict`` (reused across cases)."""
+    """jit((params, windows (B, *roi, C), weights (B, *roi)) -> weighted outputs), one per ``predict`` (reused
+    across cases)."""
     if predict not in _HOST_STEPS:
-        _HOST_STEPS[predict] = jax.jit(lambda wins, w: predict(wins).astype(jnp.float32) * w[..., None])
+        _HOST_STEPS[predict] = jax.jit(lambda params, wins, w: _call(predict, params, wins).astype(jnp.float32)
+                                       * w[..., None])
     return _HOST_STEPS[predict]
 
 
 def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma_scale: float = SIGMA_SCALE,
                              mode: str = "gaussian", batch_size: int = 1, accumulate: str = "auto",
-                             progress: bool = False) -> np.ndarray:
+                             params=None, progress: bool = False) -> np.ndarray:
     """Blend ``predict`` over windows of ``roi`` covering ``image`` (D, H, W, C); returns (D, H, W, K) float32.
 
-    ``predict`` maps a jax array (N, *roi, C) to (N, *roi, K); it is traced inside this function's jit.
+    ``predict`` maps a jax array (N, *roi, C) to (N, *roi, K), or with ``params`` (a pytree, e.g. model
+    weights, passed to the compiled step as an argument rather than baked in as constants) is called
+    ``predict(params, x)``; it is traced inside this function's jit.
     ``accumulate``: "device", "host" or "auto" (:func:`choose_accumulation`).
     """
     image = np.asarray(image, np.float32)
@@ -162,7 +170,7 @@ def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma
     roi = plan.roi
     weight = importance_map(roi, sigma_scale, mode)
     c = image.shape[-1]
-    k = jax.eval_shape(predict, jax.ShapeDtypeStruct((1, *roi, c), jnp.float32)).shape[-1]
+    k = jax.eval_shape(lambda x: _call(predict, params, x), jax.ShapeDtypeStruct((1, *roi, c), jnp.float32)).shape[-1]
     if accumulate == "auto":
         accumulate = choose_accumulation(plan.padded, k, c)
     if accumulate not in ("device", "host"):
@@ -173,21 +181,22 @@ def sliding_window_inference(predict, image, roi, *, overlap: float = 0.5, sigma
     valid = (np.arange(nb * batch_size) < n).astype(np.float32)
     starts, valid = starts.reshape(nb, batch_size, 3), valid.reshape(nb, batch_size)
     if accumulate == "host":
-        return _host_blend(_host_step(predict), plan, image, weight, starts, valid, k, progress)
+        step = _host_step(predict)
+        return _host_blend(lambda w, x: step(params, w, x), plan, image, weight, starts, valid, k, progress)
     pad = [(b, p - s - b) for b, p, s in zip(plan.pad_before, plan.padded, plan.shape)] + [(0, 0)]
     padded = np.pad(image, pad) if any(p != (0, 0) for p in pad) else image
     step = _window_step(predict, roi)
     x, nrm, wt = jnp.asarray(padded), jnp.asarray(normaliser(plan, weight)), jnp.asarray(weight)
-    out = np.asarray(_device_blend(step, roi, k)(x, nrm, wt, jnp.asarray(starts), jnp.asarray(valid)))
+    out = np.asarray(_device_blend(step, roi, k)(params, x, nrm, wt, jnp.asarray(starts), jnp.asarray(valid)))
     return np.ascontiguousarray(out[plan.crop])
 
 
 def _device_blend(step, roi, k):
     @jax.jit
-    def run(image, norm, weight, starts, valid):
+    def run(params, image, norm, weight, starts, valid):
         def body(acc, batch):
             s, v = batch
-            out = step(image, norm, weight, s, v)
+            out = step(params, image, norm, weight, s, v)
             for b in range(s.shape[0]):
                 idx = (*s[b], 0)
                 acc = jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, idx, (*roi, k)) + out[b], idx)

@@ -59,12 +59,13 @@ def from_canonical_array(x_dhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def _predictor(model: InferenceModel):
-    """The model's jittable window function, built once per model so its compiled steps are reused across cases."""
+    """(predict(state, x), state): the model's jittable window function, built once per model so its compiled
+    steps are reused across cases; the weights go in as an argument (not as constants of the executable)."""
     if getattr(model, "_predict", None) is not None:
         return model._predict
     graphdef, state = nnx.split(model.module)
 
-    def predict(x):
+    def predict(state, x):
         out = nnx.merge(graphdef, state)(x)
         if isinstance(out, tuple):  # TaskModel: (out, aux)
             out = out[0]
@@ -73,8 +74,8 @@ def _predictor(model: InferenceModel):
             return jax.nn.softmax(out, axis=-1)
         return jax.nn.sigmoid(out) if model.activation == "sigmoid" else out
 
-    model._predict = predict
-    return predict
+    model._predict = (predict, state)
+    return model._predict
 
 
 def _input(model: InferenceModel, images: dict, case=None):
@@ -116,16 +117,16 @@ def predict_volume(model: InferenceModel, images: dict, *, case=None, overlap: f
     from vfm_align.data.preprocess_profound import center_crop_pad
 
     image, ref, back, recipe = _input(model, images, case)
-    predict = _predictor(model)
+    predict, state = _predictor(model)
     if model.task == "classification":
         crop, _ = center_crop_pad(image, model.roi)
         if getattr(model, "_jit", None) is None:
             model._jit = jax.jit(predict)
-        probs = np.asarray(model._jit(jnp.asarray(crop[None])))[0]
+        probs = np.asarray(model._jit(state, jnp.asarray(crop[None])))[0]
         recipe = {**recipe, "crop": f"centre crop / zero pad to {list(model.roi)}"}
         return VolumePrediction(model.task, ref, {"probs": probs.astype(np.float64)}, recipe)
     out = sliding_window_inference(predict, image, model.roi, overlap=overlap, sigma_scale=sigma_scale,
-                                   batch_size=batch_size, progress=progress)
+                                   batch_size=batch_size, params=state, progress=progress)
     out = back(out)
     recipe = {**recipe, "sliding_window": {"roi": list(model.roi), "overlap": overlap, "mode": "gaussian",
                                            "sigma_scale": sigma_scale, "padding": "constant 0"}}
