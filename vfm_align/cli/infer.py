@@ -167,7 +167,11 @@ def _provicnet_case(args, model, case, manifest_case, out_dir, threshold, batch,
     if args.fusion:
         if len(images) != 3:
             raise ConfigError("fusion needs --image three times, in the order T2 ADC DWI")
-        pred = predict_fusion(model.module, dict(zip(SEQUENCES, args.model)), dict(zip(SEQUENCES, images)), gland,
+        if getattr(args, "_seq_models", None) is None:  # loaded once for the whole cohort
+            from vfm_align.model_io import load
+
+            args._seq_models = {s: load(m) for s, m in zip(SEQUENCES, args.model)}
+        pred = predict_fusion(model.module, args._seq_models, dict(zip(SEQUENCES, images)), gland,
                               overwrite_streams=not args.keep_fusion_streams, batch_size=batch, threshold=threshold,
                               progress=progress, gland_labels=gland_labels)
     else:

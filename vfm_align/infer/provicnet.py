@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from functools import partial
 
 import jax
@@ -123,8 +124,18 @@ def _model_input_size(model) -> int:
     return model.config.img_size
 
 
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {what: runner}, reused across cases
+
+
 def _runner(model, what: str):
     """A jitted (stacks, pos) -> output function; stacks are resized to the model input on device."""
+    cache = _RUNNERS.setdefault(model, {})
+    if what not in cache:
+        cache[what] = _make_runner(model, what)
+    return cache[what]
+
+
+def _make_runner(model, what: str):
     graphdef, state = nnx.split(model)
     size = _model_input_size(model)
 
