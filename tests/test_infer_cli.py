@@ -50,7 +50,7 @@ TINY_UPERNET = dict(depths=(1, 1, 1, 1), dims=(4, 8, 8, 8), hidden_size=4, auxil
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="compiles two UperNets (minutes); set VFM_ALIGN_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="two UperNet compiles (minutes); VFM_ALIGN_SLOW=1")
 def test_converted_upernet_lesion_and_anatomy(volumes, tmp_path):
     for out_channels, task in ((1, "detection"), (3, "segmentation")):
         cfg = {**TINY_UPERNET, "out_channels": out_channels}
@@ -103,10 +103,11 @@ def test_finetuned_segmentation_run_on_las_volume(volumes, tmp_path):
     np.testing.assert_array_equal(label, prob.argmax(-1))
     # same numbers as the model on the RAS+ volume (one window after padding D, H, W), mapped back by hand:
     # LAS -> RAS flips x (the last of D, H, W)
+    import jax
+
+    from vfm_align.data.cache import zscore_nonzero
     from vfm_align.infer.loading import load_for_inference
     from vfm_align.infer.sliding_window import sliding_window_inference
-    from vfm_align.data.cache import zscore_nonzero
-    import jax
 
     m = load_for_inference(run)
     t2 = np.asarray(nib.load(volumes["t2w"]).dataobj, np.float32).transpose(2, 1, 0)
@@ -166,3 +167,26 @@ def test_provicnet_with_and_without_gland(volumes, tmp_path):
         assert side["case_score"] == pytest.approx(float(det.max()))
         assert det.max() <= prob.max() + 1e-6
         np.testing.assert_array_equal(_check_grid(str(d / "cancer_label.nii.gz")), prob > 0.4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="a real fine-tuning run (minutes); VFM_ALIGN_SLOW=1")
+def test_real_finetune_run_then_infer_and_evaluate(tmp_path):
+    """`vfm-align finetune` (tiny, 4 steps, on a phantom cohort) -> `infer --data` -> `evaluate` on its test split."""
+    cohort = tmp_path / "phantom"
+    assert cli_main(["phantom", "--out", str(cohort), "--cases", "10", "--shape", "16,32,32", "--workers", "1",
+                     "--quiet"]) == 0
+    run = tmp_path / "run"
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "profound_conv_segmentation.py")
+    assert cli_main(["finetune", "--config", recipe + ":tiny", "--no-progress",
+                     f"--config.data.root={cohort / 'manifest.csv'}", f"--config.run.workdir={run}",
+                     "--config.train.steps=4", "--config.train.batch_size=2", "--config.train.eval_every=2",
+                     "--config.train.ckpt_every=2", "--config.align.every=0", "--config.data.shape=(16, 32, 32)"]) == 0
+    preds = tmp_path / "preds"
+    for model in (str(run), str(run / "backbone")):  # the run, or its exported backbone inside it
+        assert cli_main(["infer", "--model", model, "--data", str(cohort / "manifest.csv"), "--split", "test",
+                         "--out", str(preds), "--quiet"]) == 0
+    assert cli_main(["evaluate", "--pred", str(preds), "--data", str(cohort / "manifest.csv"), "--task",
+                     "segmentation", "--quiet"]) == 0
+    summary = json.load(open(preds / "summary.json"))
+    assert summary["num_cases"] >= 1 and 0.0 <= summary["task_metrics"]["dice_mean"] <= 1.0

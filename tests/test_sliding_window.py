@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vfm_align.infer.sliding_window import importance_map, plan_windows, sliding_window_inference
+from vfm_align.infer.sliding_window import (
+    importance_map,
+    plan_windows,
+    sliding_window_inference,
+)
 
 
 def _toy(win):

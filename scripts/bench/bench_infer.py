@@ -95,7 +95,8 @@ def one(name: str, cases: int, volume_shape, slice_shape) -> dict:
             from vfm_align.infer.provicnet import predict_sequence
 
             p = predict_sequence(model.module, img, None, progress=False)
-            write_case(os.path.join(tmp, f"out{i}"), "detection", p.reference, {"likelihood": p.prob}, {}, threshold=0.4)
+            write_case(os.path.join(tmp, f"out{i}"), "detection", p.reference, {"likelihood": p.prob}, {},
+                       threshold=0.4)
         else:
             from vfm_align.infer.volume import predict_volume
 

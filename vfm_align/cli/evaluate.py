@@ -118,7 +118,8 @@ def segmentation_summary(rows, task) -> dict:
         for k in classes:
             c = conf[k]
             empty = c["TP"] + c["FP"] + c["FN"] == 0
-            m[str(k)] = {"Dice": 1.0 if empty else dice[k], "IoU": 1.0 if empty else c["TP"] / (c["TP"] + c["FP"] + c["FN"]),
+            iou = 1.0 if empty else c["TP"] / (c["TP"] + c["FP"] + c["FN"])
+            m[str(k)] = {"Dice": 1.0 if empty else dice[k], "IoU": iou,
                          **c}
         per_case.append({"case_id": cid, "prediction_file": side["outputs"]["label"], "metrics": m})
     keys = ("Dice", "IoU", "TP", "FP", "FN", "TN", "n_pred", "n_ref")

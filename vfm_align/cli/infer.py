@@ -81,7 +81,8 @@ def run(args) -> int:
         raise ConfigError("--gland is used by ProViCNet models only")
     threshold = args.threshold if args.threshold is not None else (0.4 if provicnet else 0.5)
     batch = args.batch_size or (8 if provicnet else 1)
-    settings = {"threshold": threshold, "overlap": args.overlap, "roi": model.roi, "keep_fusion_streams": args.keep_fusion_streams,
+    settings = {"threshold": threshold, "overlap": args.overlap, "roi": model.roi,
+                "keep_fusion_streams": args.keep_fusion_streams,
                 "models": [os.path.abspath(m) for m in args.model]}
     key = settings_key(model.identity, settings)
     progress = not args.quiet
@@ -154,7 +155,12 @@ def _predict_case(args, model, case, manifest_case, out_dir, threshold, batch, k
 def _provicnet_case(args, model, case, manifest_case, out_dir, threshold, batch, meta, progress) -> dict:
     from vfm_align.errors import ConfigError
     from vfm_align.infer.outputs import write_case
-    from vfm_align.infer.provicnet import SEQUENCES, predict_fusion, predict_sequence, recipe_description
+    from vfm_align.infer.provicnet import (
+        SEQUENCES,
+        predict_fusion,
+        predict_sequence,
+        recipe_description,
+    )
 
     gland_labels = (1,)
     if manifest_case is not None:

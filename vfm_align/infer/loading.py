@@ -67,7 +67,8 @@ def load_for_inference(path: str | os.PathLike) -> InferenceModel:
     if "finetuned" in meta:
         raise CheckpointError(f"{path}: a fine-tuned backbone without its task head; pass the fine-tuning run "
                               "directory (it holds config.json and checkpoints/)")
-    text = open(os.path.join(path, SIDECAR)).read()
+    with open(os.path.join(path, SIDECAR)) as fh:
+        text = fh.read()
     if arch == "profound_conv_upernet":
         out = int(meta["config"].get("out_channels", 1))
         task, act = ("detection", "sigmoid") if out == 1 else ("segmentation", "softmax")
@@ -97,7 +98,8 @@ def _load_run(run: str) -> InferenceModel:
     from vfm_align.train.optim import make_optimizer
     from vfm_align.train.state import abstract_state
 
-    text = open(os.path.join(run, "config.json")).read()
+    with open(os.path.join(run, "config.json")) as fh:
+        text = fh.read()
     try:
         cfg = mlc.ConfigDict(json.loads(text))
     except json.JSONDecodeError as exc:

@@ -96,7 +96,7 @@ def write_case(case_dir: str, task: str, ref: Volume, arrays: dict, meta: dict, 
         det = detection_map(lik)
         put("detection_map", det, np.float32)
         extra["case_score"] = float(det.max())
-        extra["num_candidates"] = int(len(np.unique(det[det > 0])))
+        extra["num_candidates"] = len(np.unique(det[det > 0]))
         if arrays.get("gland") is not None:
             put("gland", arrays["gland"], np.uint8)
     elif task == "classification":

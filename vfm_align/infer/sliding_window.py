@@ -139,7 +139,7 @@ def _window_step(predict, roi):
     return step
 
 
-_HOST_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # predict -> jitted fixed-shape step
+_HOST_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # predict -> jitted fixed-shape step
 
 
 def _host_step(predict):

@@ -48,7 +48,7 @@ def _apply_xfm(x_dhw: np.ndarray, xfm: np.ndarray) -> np.ndarray:
 
 
 def to_canonical_array(x_dhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """A (D, H, W, ...) array on ``affine``'s grid reoriented to RAS+ (as :func:`vfm_align.data.resample.to_canonical`)."""
+    """A (D, H, W, ...) array on ``affine``'s grid reoriented to RAS+ (as ``data.resample.to_canonical``)."""
     return _apply_xfm(x_dhw, _canonical_xfm(affine))
 
 
@@ -80,8 +80,8 @@ def _predictor(model: InferenceModel):
 
 def _input(model: InferenceModel, images: dict, case=None):
     """(image (D,H,W,3) on the model's grid, reference Volume, back-to-input-grid function, recipe dict)."""
-    from vfm_align.data.preprocess_profound import stack_channels
     from vfm_align.data.nifti import load_volume
+    from vfm_align.data.preprocess_profound import stack_channels
 
     if model.recipe == "profound_reference":
         from vfm_align.data.preprocess_profound import preprocess_profound
