@@ -181,7 +181,8 @@ def test_real_finetune_run_then_infer_and_evaluate(tmp_path):
     assert cli_main(["finetune", "--config", recipe + ":tiny", "--no-progress",
                      f"--config.data.root={cohort / 'manifest.csv'}", f"--config.run.workdir={run}",
                      "--config.train.steps=4", "--config.train.batch_size=2", "--config.train.eval_every=2",
-                     "--config.train.ckpt_every=2", "--config.align.every=0", "--config.data.shape=(16, 32, 32)"]) == 0
+                     "--config.train.ckpt_every=2", "--config.align.every=0", "--config.mesh.data=1",
+                     "--config.data.shape=(16, 32, 32)"]) == 0
     preds = tmp_path / "preds"
     for model in (str(run), str(run / "backbone")):  # the run, or its exported backbone inside it
         assert cli_main(["infer", "--model", model, "--data", str(cohort / "manifest.csv"), "--split", "test",

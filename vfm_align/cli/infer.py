@@ -83,7 +83,7 @@ def run(args) -> int:
     batch = args.batch_size or (8 if provicnet else 1)
     settings = {"threshold": threshold, "overlap": args.overlap, "roi": model.roi,
                 "keep_fusion_streams": args.keep_fusion_streams,
-                "models": [os.path.abspath(m) for m in args.model]}
+                "models": [os.path.abspath(m) for m in args.model] if args.fusion else [model.path]}
     key = settings_key(model.identity, settings)
     progress = not args.quiet
 
