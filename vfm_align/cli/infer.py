@@ -82,7 +82,8 @@ def run(args) -> int:
     threshold = args.threshold if args.threshold is not None else (0.4 if provicnet else 0.5)
     batch = args.batch_size or (8 if provicnet else 1)
     settings = {"threshold": threshold, "overlap": args.overlap, "roi": model.roi,
-                "keep_fusion_streams": args.keep_fusion_streams,
+                "keep_fusion_streams": args.keep_fusion_streams, "sequence": args.sequence,
+                "predict_gland": args.predict_gland,
                 "models": [os.path.abspath(m) for m in args.model] if args.fusion else [model.path]}
     key = settings_key(model.identity, settings)
     progress = not args.quiet
