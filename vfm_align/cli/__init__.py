@@ -12,6 +12,7 @@ from vfm_align.errors import VfmAlignError
 # its parser and sets `func(args) -> int`.
 _COMMANDS = (
     "vfm_align.cli.convert",
+    "vfm_align.cli.evaluate",
     "vfm_align.cli.finetune",
     "vfm_align.cli.infer",
     "vfm_align.cli.phantom",

@@ -110,8 +110,8 @@ def ssim(pred, target, mask, data_range: float | None = None, **kw) -> float:
     return float(ssim_map(pred, target, r, **kw)[mask].mean())
 
 
-def picai_detection(likelihoods, targets, *, extract: bool = True) -> dict:
-    """PI-CAI lesion-level AP, case-level AUROC and their mean ("score").
+def picai_metrics(likelihoods, targets, *, extract: bool = True):
+    """The ``picai_eval.Metrics`` object (AP, AUROC, score and their curves) of per-case maps.
 
     ``likelihoods``: per case (D, H, W) maps in [0, 1] (or detection maps with ``extract=False``);
     ``targets``: per case binary csPCa lesion masks.
@@ -124,5 +124,22 @@ def picai_detection(likelihoods, targets, *, extract: bool = True) -> dict:
     else:
         dets = [np.asarray(p, np.float32) for p in likelihoods]
     truths = [(np.asarray(t) > 0).astype(np.int32) for t in targets]
-    m = evaluate(y_det=dets, y_true=truths, num_parallel_calls=1)
+    return evaluate(y_det=dets, y_true=truths, num_parallel_calls=1)
+
+
+def picai_detection(likelihoods, targets, *, extract: bool = True) -> dict:
+    """PI-CAI lesion-level AP, case-level AUROC and their mean ("score"); arguments as :func:`picai_metrics`."""
+    m = picai_metrics(likelihoods, targets, extract=extract)
     return {"ap": float(m.AP), "auroc": float(m.auroc), "picai_score": float(m.score)}
+
+
+def confusion_per_class(pred, target, classes) -> dict:
+    """{class: {"TP", "FP", "FN", "TN", "n_pred", "n_ref"}} voxel counts of integer label maps."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    out = {}
+    for k in classes:
+        p, t = pred == k, target == k
+        tp, fp, fn = int(np.sum(p & t)), int(np.sum(p & ~t)), int(np.sum(~p & t))
+        out[int(k)] = {"TP": tp, "FP": fp, "FN": fn, "TN": int(p.size - tp - fp - fn), "n_pred": int(p.sum()),
+                       "n_ref": int(t.sum())}
+    return out

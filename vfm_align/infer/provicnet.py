@@ -14,12 +14,19 @@ Per sequence (T2, ADC or DWI) and its gland mask, on one grid:
 The model predicts 256 x 256 in-plane (the reference's 0.5 mm, 128 mm grid). If the input
 in-plane size differs, the probability map is resized bilinearly to the input size before
 thresholding, so outputs always lie on the input grid (same shape and affine).
+
+Without a gland mask (a deviation from the reference, whose inference needs one): a first pass
+normalises with the statistics of the whole volume (/255, then z-score over every voxel); the
+voxels it predicts as gland or cancer (arg-max class >= 1, on the input grid) are the mask of a
+second pass with the reference normalisation. When the first pass finds no gland, its result is
+kept and the prediction says so (``gland_source``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from functools import partial
 
 import jax
@@ -45,6 +52,8 @@ class ProViCNetPrediction:
     label: np.ndarray  # uint8, prob > threshold
     reference: Volume  # geometry to write onto
     threshold: float
+    gland_source: str = "given"  # "given", "first pass" (predicted), or "none found (whole-volume normalisation)"
+    gland: np.ndarray | None = None  # the predicted gland mask (uint8) when it came from the first pass
 
 
 def normalize_volume(image: np.ndarray, gland: np.ndarray, *, source: str = "image", mask_source: str = "mask") -> np.ndarray:
@@ -58,6 +67,15 @@ def normalize_volume(image: np.ndarray, gland: np.ndarray, *, source: str = "ima
     if not np.isfinite(std) or std <= 0:
         raise DataError(f"{source}: intensity is constant inside the gland mask ({mask_source}); cannot normalise")
     return (x - mean) / std
+
+
+def normalize_whole(image: np.ndarray, *, source: str = "image") -> np.ndarray:
+    """/255, then z-score with the statistics of the whole volume (the first pass without a gland mask)."""
+    x = (image.astype(np.float64) / 255.0).astype(np.float32)
+    std = x.std(dtype=np.float64)
+    if not np.isfinite(std) or std <= 0:
+        raise DataError(f"{source}: intensity is constant over the volume; cannot normalise")
+    return ((x - x.mean(dtype=np.float64)) / std).astype(np.float32)
 
 
 def slice_windows(depth: int, n_channel: int = N_CHANNEL) -> tuple[int, np.ndarray, np.ndarray]:
@@ -82,14 +100,17 @@ def slice_windows(depth: int, n_channel: int = N_CHANNEL) -> tuple[int, np.ndarr
     return pad, np.asarray(centres), pos
 
 
-def preprocess_volume(image: np.ndarray, gland: np.ndarray, *, source: str = "image",
+def preprocess_volume(image: np.ndarray, gland: np.ndarray | None, *, source: str = "image",
                       mask_source: str = "mask") -> tuple[np.ndarray, np.ndarray, slice]:
     """(D, H, W) image and gland -> (stacks (S, H, W, 3) at input resolution, pos (S, 2), keep).
 
     ``keep`` selects the S outputs that belong to the D input slices. The resize to the model's
-    input size happens on the device (see :func:`_runner`).
+    input size happens on the device (see :func:`_runner`). ``gland=None``: whole-volume statistics.
     """
-    x = normalize_volume(image, gland, source=source, mask_source=mask_source)
+    if gland is None:
+        x = normalize_whole(image, source=source)
+    else:
+        x = normalize_volume(image, gland, source=source, mask_source=mask_source)
     pad, centres, pos = slice_windows(x.shape[0])
     if pad:
         x = np.pad(x, ((pad, pad), (0, 0), (0, 0)))
@@ -103,8 +124,18 @@ def _model_input_size(model) -> int:
     return model.config.img_size
 
 
+_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {what: runner}, reused across cases
+
+
 def _runner(model, what: str):
     """A jitted (stacks, pos) -> output function; stacks are resized to the model input on device."""
+    cache = _RUNNERS.setdefault(model, {})
+    if what not in cache:
+        cache[what] = _make_runner(model, what)
+    return cache[what]
+
+
+def _make_runner(model, what: str):
     graphdef, state = nnx.split(model)
     size = _model_input_size(model)
 
@@ -141,8 +172,9 @@ def _batched(fn, arrays: tuple[np.ndarray, ...], batch_size: int, desc: str, pro
     return np.concatenate(outs)
 
 
-def _to_grid(prob: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """(D', h, w) model-resolution probabilities -> the input's (D, H, W), bilinear in-plane."""
+def _to_grid(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(D', h, w[, K]) model-resolution probabilities -> the input's (D, H, W[, K]), bilinear in-plane."""
+    shape = tuple(shape) + tuple(prob.shape[3:])
     if prob.shape[1:] != shape[1:]:
         prob = np.asarray(jax.image.resize(jnp.asarray(prob), shape, method="linear"))
     return np.clip(prob, 0.0, 1.0).astype(np.float32)
@@ -166,33 +198,58 @@ def _as_model(model, arch: str, what: str):
     return model
 
 
-def _load_inputs(images: dict[str, str], gland_path: str) -> tuple[dict[str, Volume], Volume]:
+def _load_inputs(images: dict[str, str], gland_path: str | None) -> tuple[dict[str, Volume], Volume | None]:
     vols = {name: load_volume(path, kind=f"{name} image") for name, path in images.items()}
-    gland = load_volume(gland_path, kind="gland mask")
-    check_same_grid({**vols, "gland mask": gland})
+    gland = None if gland_path is None else load_volume(gland_path, kind="gland mask")
+    check_same_grid({**vols, **({} if gland is None else {"gland mask": gland})})
     return vols, gland
 
 
-def _finish(prob_model_res: np.ndarray, keep: slice, ref: Volume, threshold: float) -> ProViCNetPrediction:
-    prob = _to_grid(prob_model_res[keep], ref.data.shape)
+def _finish(probs_model_res: np.ndarray, keep: slice, ref: Volume, threshold: float) -> ProViCNetPrediction:
+    prob = _to_grid(_cancer_prob(probs_model_res[keep]), ref.data.shape)
     return ProViCNetPrediction(prob=prob, label=(prob > threshold).astype(np.uint8), reference=ref,
                                threshold=threshold)
 
 
-def predict_sequence(model, image_path: str, gland_path: str, *, batch_size: int = 8,
-                     threshold: float = THRESHOLD, progress: bool = True) -> ProViCNetPrediction:
-    """One sequence with its per-sequence model (object or model directory)."""
+def _with_gland(run, vols: dict[str, Volume], gland: Volume | None, threshold: float,
+                gland_labels=(1,)) -> ProViCNetPrediction:
+    """``run(gland mask or None) -> (class probs (S, h, w, 4), keep)``; the two-pass path when ``gland`` is None.
+
+    A given mask counts the voxels whose value is in ``gland_labels`` (the reference: 1).
+    """
+    ref = next(iter(vols.values()))
+    if gland is not None:
+        mask = np.isin(gland.data, gland_labels).astype(np.uint8)
+        return _finish(*run(mask, gland.path), ref, threshold)
+    probs, keep = run(None, None)
+    predicted = (_to_grid(probs[keep], ref.data.shape).argmax(-1) >= 1).astype(np.uint8)
+    if not predicted.any():
+        pred = _finish(probs, keep, ref, threshold)
+        pred.gland_source = "none found (whole-volume normalisation)"
+        return pred
+    pred = _finish(*run(predicted, "the first pass's predicted gland"), ref, threshold)
+    pred.gland_source, pred.gland = "first pass", predicted
+    return pred
+
+
+def predict_sequence(model, image_path: str, gland_path: str | None = None, *, batch_size: int = 8,
+                     threshold: float = THRESHOLD, progress: bool = True, gland_labels=(1,)) -> ProViCNetPrediction:
+    """One sequence with its per-sequence model (object or model directory); no ``gland_path``: two passes."""
     vols, gland = _load_inputs({"image": image_path}, gland_path)
     vol = vols["image"]
-    stacks, pos, keep = preprocess_volume(vol.data, gland.data, source=vol.path, mask_source=gland.path)
     model = _as_model(model, "provicnet", "model")
-    probs = _batched(_runner(model, "probs"), (stacks, pos), batch_size, "ProViCNet slices", progress)
-    return _finish(_cancer_prob(probs), keep, vol, threshold)
+    runner = _runner(model, "probs")
+
+    def run(mask, mask_source):
+        stacks, pos, keep = preprocess_volume(vol.data, mask, source=vol.path, mask_source=mask_source)
+        return _batched(runner, (stacks, pos), batch_size, "ProViCNet slices", progress), keep
+
+    return _with_gland(run, vols, gland, threshold, gland_labels)
 
 
-def predict_fusion(fusion, models: dict[str, object], images: dict[str, str], gland_path: str, *,
+def predict_fusion(fusion, models: dict[str, object], images: dict[str, str], gland_path: str | None = None, *,
                    overwrite_streams: bool = True, batch_size: int = 8, threshold: float = THRESHOLD,
-                   progress: bool = True) -> ProViCNetPrediction:
+                   progress: bool = True, gland_labels=(1,)) -> ProViCNetPrediction:
     """T2 + ADC + DWI through their per-sequence models and the fusion model.
 
     ``models`` and ``images`` are keyed by "t2w", "adc", "dwi". With ``overwrite_streams`` (the
@@ -205,23 +262,34 @@ def predict_fusion(fusion, models: dict[str, object], images: dict[str, str], gl
         if set(d) != set(SEQUENCES):
             raise ConfigError(f"fusion needs {what} for exactly {SEQUENCES}, got {sorted(d)}")
     vols, gland = _load_inputs({s: images[s] for s in SEQUENCES}, gland_path)
-    prepared = {s: preprocess_volume(vols[s].data, gland.data, source=vols[s].path, mask_source=gland.path)
-                for s in SEQUENCES}
     seq_models = {s: _as_model(models[s], "provicnet", f"{s} model") for s in SEQUENCES}
     fusion = _as_model(fusion, "provicnet_fusion", "fusion model")
     if overwrite_streams:
         fusion = load_stream_heads(nnx.clone(fusion), **seq_models)
-    tokens = {s: _batched(_runner(seq_models[s], "tokens"), prepared[s][:2], batch_size, f"{s} tokens", progress)
-              for s in SEQUENCES}
+    runners = {s: _runner(seq_models[s], "tokens") for s in SEQUENCES}
     graphdef, state = nnx.split(fusion)
 
     @jax.jit
     def fuse(state, t2w, adc, dwi):
         return jax.nn.softmax(nnx.merge(graphdef, state)(t2w, adc, dwi), axis=-1)
 
-    probs = _batched(partial(fuse, state), tuple(tokens[s] for s in SEQUENCES), batch_size, "fusion", progress)
-    keep = prepared["t2w"][2]
-    return _finish(_cancer_prob(probs), keep, vols["t2w"], threshold)
+    def run(mask, mask_source):
+        prepared = {s: preprocess_volume(vols[s].data, mask, source=vols[s].path, mask_source=mask_source)
+                    for s in SEQUENCES}
+        tokens = {s: _batched(runners[s], prepared[s][:2], batch_size, f"{s} tokens", progress) for s in SEQUENCES}
+        probs = _batched(partial(fuse, state), tuple(tokens[s] for s in SEQUENCES), batch_size, "fusion", progress)
+        return probs, prepared["t2w"][2]
+
+    return _with_gland(run, vols, gland, threshold, gland_labels)
+
+
+def recipe_description() -> dict:
+    """The preprocessing and post-processing above, for prediction sidecars."""
+    return {"name": "provicnet_reference", "normalize": "/255, z-score over the gland mask (whole volume)",
+            "stacks": f"{N_CHANNEL} consecutive slices, shifted inward at the edges; zero slices around < 6-slice "
+                      "volumes", "resize": "bilinear (half-pixel) to the model input, probabilities back to the "
+                      "input in-plane size", "cancer_probability": "p(indolent) + p(csPCa)",
+            "without_gland": "first pass with whole-volume z-score; predicted classes >= 1 become the mask"}
 
 
 def output_paths(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict[str, str]:
