@@ -91,7 +91,7 @@ def _load_run(run: str) -> InferenceModel:
     import ml_collections as mlc
     from flax import nnx
 
-    from vfm_align.models.task_model import task_kind
+    from vfm_align.data.tasks import get_task
     from vfm_align.train import mesh as M
     from vfm_align.train.checkpoint import RunCheckpoints
     from vfm_align.train.loop import build_task_model
@@ -126,6 +126,6 @@ def _load_run(run: str) -> InferenceModel:
         ckpts.close()
     module = nnx.merge(gdef_eval, state["params"], state["rest"])
     task = cfg.task.name
-    act = {"label": "softmax", "dense": "softmax", "restore": "none"}[task_kind(task)]
+    act = {"label": "softmax", "dense": "softmax", "restore": "none"}[get_task(task).head]
     return InferenceModel(run, cfg.model.arch, task, module, "finetune_cache", roi, act,
                           _sha(text, which, str(meta.get("step"))), finetuned=True)
