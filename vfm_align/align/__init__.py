@@ -1,10 +1,11 @@
-"""Alignment scoring between feature banks: MMD^2 (exact and random features), permutation tests, CKA, drift.
+"""Alignment scoring between feature banks (MMD^2, permutation tests, CKA, drift) and transferability scores.
 
     from vfm_align import align
     align.mmd(x, y)                                  # exact U-statistic, median-heuristic RBF
     align.mmd(x, y, method="rff", num_features=4096) # random features, streams memmapped banks
     align.mmd_test(x, y, paired=True)                # permutation p-value for before/after banks
     align.linear_cka(x, y); align.paired_drift(x, y)
+    align.logme(x, labels); align.hscore(x, labels); align.transrate(x, labels); align.rankme(x)  # frozen
 
 Inputs are (rows, width) arrays, np.memmap banks or jax arrays; bad input raises DataError.
 """
@@ -14,6 +15,9 @@ from vfm_align.align.cka import PairedAccumulator, linear_cka, paired_drift, pai
 from vfm_align.align.kernels import median_sigma, resolve_sigmas
 from vfm_align.align.mmd import exact_mmd2, mmd, mmd_fn
 from vfm_align.align.permutation import TestResult, mmd_test, p_value
+from vfm_align.align.transferability import (
+    LogMEFit, hard_labels, hscore, logme, logme_fit, pool_to_grid, rankme, scores_for_task, transrate,
+)
 from vfm_align.align.rff import feature_sums, features, mmd2_from_sums, rff_frequencies, rff_mmd2
 
 __all__ = [
@@ -21,4 +25,7 @@ __all__ = [
     "exact_mmd2", "extract_bank", "feature_sums", "features", "linear_cka", "median_sigma", "mmd", "mmd2_from_sums",
     "mmd_fn", "mmd_test", "open_bank", "p_value", "paired_drift", "paired_measures", "resolve_sigmas",
     "rff_frequencies", "rff_mmd2",
+    # transferability of frozen features
+    "LogMEFit", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid", "rankme", "scores_for_task",
+    "transrate",
 ]
