@@ -154,3 +154,89 @@ def open_bank(path: str | os.PathLike) -> Bank:
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{side}: unreadable bank sidecar ({exc})") from None
     return Bank(data=data, provenance=prov, path=os.path.abspath(path))
+
+
+# -- features of a saved model over cohort samples (shared by ``vfm-align score`` and ``vfm-align rank``) ------
+
+def _volume_features(model, x, sites):
+    feats = model.features(x)
+    return {s: feats[s] for s in sites}
+
+
+def _slice_features(model, x, sites, size):
+    from vfm_align.models.task_model import volume_to_slices
+
+    s, pos = volume_to_slices(x, 0, 3, size)
+    feats = model.features(s, pos)
+    return {s: feats[s] for s in sites}
+
+
+_JIT = {}
+
+
+def _jit():
+    # Module-level jitted functions: two models of one graph (before / after) share one compilation.
+    if not _JIT:
+        from flax import nnx
+
+        _JIT["volume"] = nnx.jit(_volume_features, static_argnames=("sites",))
+        _JIT["slices"] = nnx.jit(_slice_features, static_argnames=("sites", "size"))
+    return _JIT
+
+
+def model_input_shape(model, arch: str):
+    """The (D, H, W) a volume model was built for (MAE-ViT's img_size), or None: any size goes."""
+    target = getattr(model.config, "img_size", None)
+    if arch == "provicnet" or not (isinstance(target, (tuple, list)) and len(target) == 3):
+        return None
+    return tuple(int(t) for t in target)
+
+
+def fit_sample(sample: dict, model, arch: str) -> dict:
+    """Centre-crop / pad a sample (image and masks) to the model's input size, where it has one."""
+    target = model_input_shape(model, arch)
+    if target is None:
+        return sample
+    from vfm_align.data.augment import crop_or_pad
+
+    return crop_or_pad(sample, target)
+
+
+def model_feature_fn(model, arch: str, sites=("pooled",)):
+    """image (D, H, W, C) -> {site: features (numpy)} for a loaded model; ProViCNet runs on 2.5D slices of
+    the T2w channel (one row per slice), volume models on the whole volume (batch of one)."""
+    import jax.numpy as jnp
+
+    sites = tuple(sites)
+
+    def run(image):
+        x = jnp.asarray(np.asarray(image, np.float32))[None]
+        if arch == "provicnet":
+            out = _jit()["slices"](model, x, sites, int(model.config.img_size))
+        else:
+            out = _jit()["volume"](model, x, sites)
+        return {s: np.asarray(v) for s, v in out.items()}
+
+    return run
+
+
+def patch_grid(model, arch: str, image_shape) -> tuple[int, int, int]:
+    """The (d, h, w) grid of the "patch" rows of an image (D, H, W, C): row-major cells, one row each.
+
+    ProViCNet: one (gh, gw) patch grid per slice, so (D, gh, gw); ProFound-Conv: its last stage's map;
+    MAE-ViT: the patch grid of the (cropped) volume.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    d, h, w, c = image_shape
+    if arch == "provicnet":
+        s = int(model.config.img_size)
+        shape = jax.eval_shape(lambda m, x: _slice_features(m, x, ("patch_map",), s)["patch_map"], model,
+                               jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
+        return (d, int(shape[1]), int(shape[2]))
+    if hasattr(model.config, "grid_for"):
+        return tuple(int(g) for g in model.config.grid_for((d, h, w)))
+    shape = jax.eval_shape(lambda m, x: _volume_features(m, x, ("stage3",))["stage3"], model,
+                           jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
+    return tuple(int(g) for g in shape[1:4])

@@ -67,63 +67,17 @@ def _check_same_model(before: str, after: str) -> dict:
     return a
 
 
-def _volume_features(model, x, site):
-    return model.features(x)[site]
-
-
-def _slice_features(model, x, site, size):
-    from vfm_align.models.task_model import volume_to_slices
-
-    s, pos = volume_to_slices(x, 0, 3, size)
-    return model.features(s, pos)[site]
-
-
-def _feature_fn(model, arch: str, site: str):
-    """volume (D, H, W, C) -> {site: features}; ProViCNet runs on 2.5D slices of the T2w channel.
-
-    The jitted functions live at module level so that the before and after models (same graph)
-    share one compilation.
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    cfg = model.config
-    target = getattr(cfg, "img_size", None)
-    target = tuple(target) if isinstance(target, (tuple, list)) and len(target) == 3 else None
-
-    def run(sample):
-        if target is not None and arch != "provicnet":
-            from vfm_align.data.augment import crop_or_pad
-
-            sample = crop_or_pad(sample, target)
-        x = jnp.asarray(np.asarray(sample["image"], np.float32))[None]
-        if arch == "provicnet":
-            out = _jit()["slices"](model, x, site, int(cfg.img_size))
-        else:
-            out = _jit()["volume"](model, x, site)
-        return {site: np.asarray(out)}
-
-    return run
-
-
-_JIT = {}
-
-
-def _jit():
-    if not _JIT:
-        from flax import nnx
-
-        _JIT["volume"] = nnx.jit(_volume_features, static_argnames=("site",))
-        _JIT["slices"] = nnx.jit(_slice_features, static_argnames=("site", "size"))
-    return _JIT
-
-
 def _extract(model_dir, arch, cases, cache, site, path, provenance, args):
     import vfm_align
     from vfm_align.align import extract_bank
+    from vfm_align.align.banks import fit_sample, model_feature_fn
 
     model = vfm_align.load(model_dir)
-    fn = _feature_fn(model, arch, site)
+    features = model_feature_fn(model, arch, (site,))
+
+    def fn(sample):
+        return features(fit_sample(sample, model, arch)["image"])
+
     samples = ({**cache.get(c), "case_id": c.case_id} for c in cases)
     return extract_bank(fn, _Sized(samples, len(cases)), path, site=site, provenance=provenance,
                         overwrite=args.overwrite, progress=not args.quiet)
