@@ -235,7 +235,10 @@ def test_scores_for_task_kinds():
     frac = np.eye(3)[labels] * 0.8 + 0.2 / 3
     d = align.scores_for_task(x, frac, "segmentation")
     assert d["logme"] == pytest.approx(align.logme(x, frac, kind="regression"))
-    assert d["hscore"] == pytest.approx(align.hscore(x, labels))  # majority class = the label
+    fg = np.where(labels == 0, 1 + frac[:, 1:].argmax(1), labels)   # every cell holds some foreground
+    assert d["hscore"] == pytest.approx(align.hscore(x, fg))
+    np.testing.assert_array_equal(align.hard_labels(np.array([[1, 0, 0], [0.9, 0.02, 0.08], [0, 0.6, 0.4]]),
+                                                    "segmentation"), [0, 2, 1])
     background = np.tile([1.0, 0.0], (len(x), 1))                  # no lesion anywhere: one class
     e = align.scores_for_task(x, background, "segmentation")
     assert e["hscore"] is None and "single class" in e["notes"]["hscore"] and e["rankme"] is not None

@@ -226,6 +226,16 @@ def patch_grid(model, arch: str, image_shape) -> tuple[int, int, int]:
     ProViCNet: one (gh, gw) patch grid per slice, so (D, gh, gw); ProFound-Conv: its last stage's map;
     MAE-ViT: the patch grid of the (cropped) volume.
     """
+    key = (arch, repr(model.config), tuple(image_shape))
+    if key not in _GRIDS:
+        _GRIDS[key] = _patch_grid(model, arch, tuple(image_shape))
+    return _GRIDS[key]
+
+
+_GRIDS = {}
+
+
+def _patch_grid(model, arch, image_shape):
     import jax
     import jax.numpy as jnp
 
@@ -240,3 +250,28 @@ def patch_grid(model, arch: str, image_shape) -> tuple[int, int, int]:
     shape = jax.eval_shape(lambda m, x: _volume_features(m, x, ("stage3",))["stage3"], model,
                            jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
     return tuple(int(g) for g in shape[1:4])
+
+
+def task_feature_rows(model, arch: str, sample: dict, task, features=None) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features of one case for a task and the targets they are scored against, row for row.
+
+    Classification: one row per case, the "pooled" features (ProViCNet: averaged over the slices, as its
+    task head does) and the class label. Segmentation / detection: one row per "patch" token with the
+    fraction of each class in its cell; dense regression: the mean target per cell (align.pool_to_grid).
+    ``sample`` is a cohort sample (vfm_align.data.tasks); ``task`` a Task; ``features`` a
+    :func:`model_feature_fn` of (model, arch, ("pooled", "patch")) to reuse its compilation.
+    """
+    from vfm_align.align.transferability import pool_to_grid
+
+    features = features or model_feature_fn(model, arch, ("pooled", "patch"))
+    sample = fit_sample(sample, model, arch)
+    image, target = task.make(sample)
+    feats = features(image)
+    if task.kind == "classification":
+        return feats["pooled"].reshape(-1, feats["pooled"].shape[-1]).mean(0, keepdims=True), np.reshape(target, (1,))
+    rows = feats["patch"].reshape(-1, feats["patch"].shape[-1])
+    grid = patch_grid(model, arch, np.shape(image))
+    pooled = pool_to_grid(target, grid, num_classes=task.num_outputs if task.kind == "segmentation" else None)
+    if len(pooled) != len(rows):
+        raise DataError(f"case '{sample.get('case_id')}': {len(rows)} patch rows but a {grid} grid")
+    return rows, pooled

@@ -397,13 +397,15 @@ def pool_to_grid(target, grid, *, num_classes: int | None = None) -> np.ndarray:
 def hard_labels(targets: np.ndarray, task_targets: str) -> np.ndarray | None:
     """Class labels for the label-based scores from pooled dense targets.
 
-    segmentation (class fractions): the majority class of each cell, except for two classes, where a
-    cell is positive when it holds any foreground (a detection lesion rarely fills a cell);
+    segmentation (class fractions, class 0 the background): the foreground class with the largest
+    fraction in the cell, or 0 when the cell holds no foreground (a lesion or a zone rarely fills a
+    cell: by majority nearly every cell would be background);
     dense_regression (mean target): the quartile of the cell's mean over channels.
     """
     t = np.asarray(targets, np.float64)
     if task_targets == "segmentation":
-        return (t[:, 1] > 0).astype(np.int32) if t.shape[1] == 2 else t.argmax(1).astype(np.int32)
+        fg = t[:, 1:]
+        return np.where(fg.max(1) > 0, 1 + fg.argmax(1), 0).astype(np.int32)
     if task_targets == "dense_regression":
         m = t.mean(1)
         return np.searchsorted(np.quantile(m, [0.25, 0.5, 0.75]), m, side="right").astype(np.int32)
