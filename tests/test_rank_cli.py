@@ -42,9 +42,8 @@ def _cases(manifest):
 
 
 def test_rank_segmentation_matches_direct_scores(setup, capsys):
-    from vfm_align.cli import main
-
     import vfm_align
+    from vfm_align.cli import main
 
     root, mae, conv, manifest = setup
     out = root / "seg"
@@ -86,11 +85,10 @@ def test_rank_segmentation_matches_direct_scores(setup, capsys):
 
 
 def test_rank_classification_and_errors(setup, capsys):
+    import vfm_align
     from vfm_align.cli import main
 
-    import vfm_align
-
-    root, mae, conv, manifest = setup
+    root, mae, _, manifest = setup
     out = root / "cls"
     assert main(["rank", "--model", mae, "--data", manifest, "--task", "classification", "--bootstrap", "0",
                  "--out", str(out), "--quiet"]) == 0

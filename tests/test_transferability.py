@@ -43,7 +43,7 @@ def _ref_transrate(x, labels, eps):
     """Huang et al. (2022) eqs. 3-5 on centred features scaled to unit mean squared row norm."""
     z = x - x.mean(0)
     z = z / np.sqrt(np.mean(np.sum(z * z, 1)))
-    n, d = z.shape
+    d = z.shape[1]
 
     def rate(zz):
         return 0.5 * np.linalg.slogdet(np.eye(d) + d / (len(zz) * eps ** 2) * zz.T @ zz)[1]
@@ -244,10 +244,21 @@ def test_scores_for_task_kinds():
     assert e["hscore"] is None and "single class" in e["notes"]["hscore"] and e["rankme"] is not None
     inten = x[:, :2] @ np.ones((2, 1))
     r = align.scores_for_task(x, inten, "dense_regression")
-    assert r["logme"] > align.scores_for_task(x, np.random.default_rng(9).permutation(inten), "dense_regression")["logme"]
+    shuffled = np.random.default_rng(9).permutation(inten)
+    assert r["logme"] > align.scores_for_task(x, shuffled, "dense_regression")["logme"]
     assert set(np.unique(align.hard_labels(inten, "dense_regression"))) == {0, 1, 2, 3}
     with pytest.raises(ConfigError):
         align.scores_for_task(x, labels, "detection")
+
+
+def test_early_alignment_reads_the_record_at_the_fraction():
+    log = [{"step": s, "align/pooled/mmd2": s / 100, "align/patch/mmd2": s / 50} for s in (5, 10, 15, 20)]
+    assert align.early_alignment(log, 100) == {"step": 10, "fraction": 0.1, "value": 0.1}
+    assert align.early_alignment(log, 140, site="patch")["step"] == 15  # 10% of 140 = 14: the next record
+    with pytest.raises(ConfigError, match="align.every"):
+        align.early_alignment(log[::3], 100)                              # records at 5 and 20 only
+    with pytest.raises(DataError, match="no in-loop alignment"):
+        align.early_alignment(log, 1000)
 
 
 # -- bad input -------------------------------------------------------------------------------------------

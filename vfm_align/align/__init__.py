@@ -6,6 +6,7 @@
     align.mmd_test(x, y, paired=True)                # permutation p-value for before/after banks
     align.linear_cka(x, y); align.paired_drift(x, y)
     align.logme(x, labels); align.hscore(x, labels); align.transrate(x, labels); align.rankme(x)  # frozen
+    align.early_alignment(fit_summary["align"], steps)  # MMD^2 after 10% of the fine-tuning budget
 
 Inputs are (rows, width) arrays, np.memmap banks or jax arrays; bad input raises DataError.
 """
@@ -15,10 +16,11 @@ from vfm_align.align.cka import PairedAccumulator, linear_cka, paired_drift, pai
 from vfm_align.align.kernels import median_sigma, resolve_sigmas
 from vfm_align.align.mmd import exact_mmd2, mmd, mmd_fn
 from vfm_align.align.permutation import TestResult, mmd_test, p_value
-from vfm_align.align.transferability import (
-    SCORES, LogMEFit, hard_labels, hscore, logme, logme_fit, pool_to_grid, rankme, scores_for_task, transrate,
-)
 from vfm_align.align.rff import feature_sums, features, mmd2_from_sums, rff_frequencies, rff_mmd2
+from vfm_align.align.transferability import (
+    SCORES, LogMEFit, early_alignment, hard_labels, hscore, logme, logme_fit, pool_to_grid, rankme, scores_for_task,
+    transrate,
+)
 
 __all__ = [
     "Bank", "PairedAccumulator", "TestResult",
@@ -26,6 +28,6 @@ __all__ = [
     "mmd_fn", "mmd_test", "open_bank", "p_value", "paired_drift", "paired_measures", "resolve_sigmas",
     "rff_frequencies", "rff_mmd2",
     # transferability of frozen features
-    "SCORES", "LogMEFit", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid", "rankme", "scores_for_task",
-    "transrate",
+    "SCORES", "LogMEFit", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid",
+    "rankme", "scores_for_task", "transrate",
 ]

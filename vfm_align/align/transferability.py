@@ -13,8 +13,8 @@ by :func:`pool_to_grid`). Everything is computed from the moments of ``x``: one 
 (jitted, float32 on the device: the mean, the centred Gram X_c^T X_c, class sums and the class Grams
 TransRate needs) and then d x d algebra (jitted, float64) on one eigendecomposition per matrix. The
 eigendecomposition of X^T X is the SVD of X (its eigenvalues are the squared singular values) at
-O(n d^2) instead of an SVD of the tall matrix. Eigenvalues below d * eps_float32 * (largest
-eigenvalue of the centred Gram) are float32 rounding noise and count as zero, so rank-deficient
+O(n d^2) instead of an SVD of the tall matrix. Eigenvalues below d * eps_float32 * ||centred Gram||
+are float32 rounding noise and count as zero, so rank-deficient
 features (n < d, collapsed features) give finite, meaningful scores.
 
 Bad input (not 2-D, fewer than 2 rows, NaN or inf, a label count that does not match the rows, a
@@ -140,7 +140,8 @@ def _f64(fn, *args):
 
 
 def _floored(lam, ref):
-    """Eigenvalues below the float32 noise level of a Gram whose largest eigenvalue is ``ref`` -> 0."""
+    """Eigenvalues below the float32 noise level of a Gram of norm ``ref`` (its largest eigenvalue, or the
+    Frobenius norm, a cheap bound on it) -> 0."""
     return jnp.where(lam > lam.shape[0] * EPS32 * ref, lam, 0.0)
 
 
@@ -167,7 +168,7 @@ def _logme64(gc, mu, xty_c, ysum, yy, n, tol, max_iter):
     d = gc.shape[0]
     g = gc + n * jnp.outer(mu, mu)                        # X^T X
     lam, v = jnp.linalg.eigh(g)
-    sigma = _floored(lam, jnp.linalg.eigvalsh(gc)[-1])
+    sigma = _floored(lam, jnp.linalg.norm(gc))
     scale = jnp.maximum(jnp.mean(sigma), 1e-300)          # the optimum is invariant to scaling X; keep O(1)
     sigma = sigma / scale
     xty = xty_c + jnp.outer(mu, ysum)                     # X^T y
@@ -192,10 +193,11 @@ def _logme64(gc, mu, xty_c, ysum, yy, n, tol, max_iter):
     k = z.shape[1]
     init = (jnp.ones(k), jnp.ones(k), jnp.inf, 0)
     alpha, beta, change, it = jax.lax.while_loop(lambda st: (st[2] > tol) & (st[3] < max_iter), step, init)
-    gamma, m2, res2 = terms(alpha, beta)
+    _, m2, _ = terms(alpha, beta)
     logdet = jnp.sum(jnp.log(alpha[None] + beta[None] * s), 0)
     # Every term but the residual's; the residual is recomputed from the rows (see logme_fit).
-    partial = d / 2 * jnp.log(alpha) + n / 2 * jnp.log(beta) - 0.5 * logdet - alpha / 2 * m2 - n / 2 * jnp.log(2 * jnp.pi)
+    partial = (d / 2 * jnp.log(alpha) + n / 2 * jnp.log(beta) - 0.5 * logdet - alpha / 2 * m2
+               - n / 2 * jnp.log(2 * jnp.pi))
     m = v @ (z * beta / (alpha + beta * s)) / jnp.sqrt(scale)              # posterior mean weights of X
     return partial, m, alpha * scale, beta, it, change <= tol
 
@@ -302,7 +304,8 @@ def _transrate64(gc, grams, counts, n, eps):
     z2 = jnp.trace(gc) / n                                    # mean squared norm of a centred row
 
     def rate(gram, m):
-        lam = _floored(jnp.linalg.eigvalsh(gram), jnp.linalg.eigvalsh(gram)[-1])
+        lam = jnp.linalg.eigvalsh(gram)
+        lam = _floored(lam, lam[-1])
         return 0.5 * jnp.sum(jnp.log1p(d / (m * eps * eps) * lam / z2))
 
     per_class = jax.vmap(rate)(grams, counts)
@@ -336,7 +339,7 @@ def transrate(x, labels, *, eps: float = 0.1) -> float:
 @jax.jit
 def _rankme64(gc, mu, n, keep):
     lam = jnp.linalg.eigvalsh(gc + n * jnp.outer(mu, mu))       # squared singular values of X, ascending
-    s = jnp.sqrt(_floored(lam, jnp.linalg.eigvalsh(gc)[-1]))
+    s = jnp.sqrt(_floored(lam, jnp.linalg.norm(gc)))
     s = jnp.where(jnp.arange(s.shape[0]) >= s.shape[0] - keep, s, 0.0)   # the min(n, d) largest
     p = s / jnp.sum(s) + 1e-7
     ent = -jnp.sum(jnp.where(jnp.arange(s.shape[0]) >= s.shape[0] - keep, p * jnp.log(p), 0.0))
@@ -449,5 +452,31 @@ def scores_for_task(features, targets, task_targets: str) -> dict:
     return out
 
 
-__all__ = ["LogMEFit", "SCORES", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid", "rankme",
-           "scores_for_task", "transrate"]
+# -- early alignment -----------------------------------------------------------------------------------
+
+def early_alignment(align_log, total_steps: int, *, fraction: float = 0.1, site: str = "pooled",
+                    score: str = "mmd2") -> dict:
+    """MMD^2 (or another in-loop alignment score) between the starting features and those after
+    ``fraction`` of the fine-tuning budget: the cheapest predictor that pays for a little training.
+
+    ``align_log`` is the fine-tuning loop's record of in-loop alignment (``fit(...)["align"]``, a list of
+    ``{"step": s, "align/<site>/<score>": value}``; the loop scores every ``align.every`` steps, so set
+    ``align.every`` to at most ``fraction * steps``). Returns ``{"step", "fraction", "value"}`` of the
+    first record at or after ``fraction * total_steps``.
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"early alignment fraction must be in (0, 1], got {fraction}")
+    key = f"align/{site}/{score}"
+    target = max(1, math.ceil(fraction * total_steps))
+    later = sorted((r for r in align_log if r.get("step", 0) >= target and key in r), key=lambda r: r["step"])
+    if not later:
+        raise DataError(f"no in-loop alignment record '{key}' at or after step {target} of {total_steps}")
+    rec = later[0]
+    if rec["step"] > 1.5 * target:
+        raise ConfigError(f"the first '{key}' record after step {target} is at step {rec['step']}: set align.every "
+                          f"to at most {target} to read the alignment at {fraction:.0%} of the budget")
+    return {"step": int(rec["step"]), "fraction": rec["step"] / total_steps, "value": float(rec[key])}
+
+
+__all__ = ["LogMEFit", "SCORES", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid",
+           "rankme", "scores_for_task", "transrate"]
