@@ -478,5 +478,5 @@ def early_alignment(align_log, total_steps: int, *, fraction: float = 0.1, site:
     return {"step": int(rec["step"]), "fraction": rec["step"] / total_steps, "value": float(rec[key])}
 
 
-__all__ = ["LogMEFit", "SCORES", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid",
+__all__ = ["SCORES", "LogMEFit", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid",
            "rankme", "scores_for_task", "transrate"]

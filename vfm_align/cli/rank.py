@@ -87,9 +87,9 @@ def bootstrap(x, targets, group, kind: str, resamples, scores=None) -> dict:
     for b, cases in enumerate(resamples):
         idx = np.concatenate([rows[c] for c in cases])
         r = scores_for_task(x[idx], targets[idx], kind)
-        for s in out:
+        for s, values in out.items():
             if r.get(s) is not None:
-                out[s][b] = r[s]
+                values[b] = r[s]
     return out
 
 
