@@ -158,17 +158,32 @@ def open_bank(path: str | os.PathLike) -> Bank:
 
 # -- features of a saved model over cohort samples (shared by ``vfm-align score`` and ``vfm-align rank``) ------
 
+def _layer_sites(sites) -> bool:
+    """Whether any requested site is a per-block output (models give those with ``layers=True``)."""
+    return any(s.startswith("block") or "_block" in s for s in sites)
+
+
+def _pick(feats: dict, sites) -> dict:
+    missing = [s for s in sites if s not in feats]
+    if missing:
+        raise DataError(f"feature site(s) {', '.join(missing)} not produced by the model "
+                        f"(available: {', '.join(sorted(feats))})")
+    # Maps (N, d, h, w, C) become token rows (N, d*h*w, C), row-major, like "patch".
+    return {s: feats[s].reshape(feats[s].shape[0], -1, feats[s].shape[-1]) if feats[s].ndim > 3 else feats[s]
+            for s in sites}
+
+
 def _volume_features(model, x, sites):
-    feats = model.features(x)
-    return {s: feats[s] for s in sites}
+    feats = model.features(x, layers=True) if _layer_sites(sites) else model.features(x)
+    return _pick(feats, sites)
 
 
 def _slice_features(model, x, sites, size):
     from vfm_align.models.task_model import volume_to_slices
 
     s, pos = volume_to_slices(x, 0, 3, size)
-    feats = model.features(s, pos)
-    return {s: feats[s] for s in sites}
+    feats = model.features(s, pos, layers=True) if _layer_sites(sites) else model.features(s, pos)
+    return _pick(feats, sites)
 
 
 _JIT = {}
@@ -242,12 +257,14 @@ def _patch_grid(model, arch, image_shape):
     d, h, w, c = image_shape
     if arch == "provicnet":
         s = int(model.config.img_size)
-        shape = jax.eval_shape(lambda m, x: _slice_features(m, x, ("patch_map",), s)["patch_map"], model,
+        from vfm_align.models.task_model import volume_to_slices
+
+        shape = jax.eval_shape(lambda m, x: m.features(*volume_to_slices(x, 0, 3, s))["patch_map"], model,
                                jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
         return (d, int(shape[1]), int(shape[2]))
     if hasattr(model.config, "grid_for"):
         return tuple(int(g) for g in model.config.grid_for((d, h, w)))
-    shape = jax.eval_shape(lambda m, x: _volume_features(m, x, ("stage3",))["stage3"], model,
+    shape = jax.eval_shape(lambda m, x: m.features(x)["stage3"], model,
                            jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
     return tuple(int(g) for g in shape[1:4])
 
