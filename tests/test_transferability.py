@@ -259,6 +259,17 @@ def test_early_alignment_reads_the_record_at_the_fraction():
         align.early_alignment(log[::3], 100)                              # records at 5 and 20 only
     with pytest.raises(DataError, match="no in-loop alignment"):
         align.early_alignment(log, 1000)
+    curve = {"step": [0, 5, 10], "align/pooled/mmd2": [0.0, 0.3, 0.4]}   # the study's curve of lists
+    assert align.early_alignment(curve, 50)["value"] == 0.3
+
+
+def test_picks_better_counts_pairs_within_a_group():
+    rows = [{"task": "a", "s": 1.0, "gain": 0.1}, {"task": "a", "s": 2.0, "gain": 0.3},   # agrees
+            {"task": "a", "s": 3.0, "gain": 0.2},                                          # vs 1st agrees, 2nd not
+            {"task": "b", "s": 5.0, "gain": 0.1}, {"task": "b", "s": 5.0, "gain": 0.2},   # score tie: half
+            {"task": "b", "s": None, "gain": 0.5}]                                         # missing: skipped
+    assert align.picks_better(rows, "s") == {"agree": 2.5, "pairs": 4, "rate": 0.625}
+    assert align.picks_better(rows[:1], "s")["rate"] is None
 
 
 # -- bad input -------------------------------------------------------------------------------------------

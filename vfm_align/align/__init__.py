@@ -18,8 +18,8 @@ from vfm_align.align.mmd import exact_mmd2, mmd, mmd_fn
 from vfm_align.align.permutation import TestResult, mmd_test, p_value
 from vfm_align.align.rff import feature_sums, features, mmd2_from_sums, rff_frequencies, rff_mmd2
 from vfm_align.align.transferability import (
-    SCORES, LogMEFit, early_alignment, hard_labels, hscore, logme, logme_fit, pool_to_grid, rankme, scores_for_task,
-    transrate,
+    SCORES, LogMEFit, early_alignment, hard_labels, hscore, logme, logme_fit, picks_better, pool_to_grid, rankme,
+    scores_for_task, transrate,
 )
 
 __all__ = [
@@ -28,6 +28,6 @@ __all__ = [
     "mmd_fn", "mmd_test", "open_bank", "p_value", "paired_drift", "paired_measures", "resolve_sigmas",
     "rff_frequencies", "rff_mmd2",
     # transferability of frozen features
-    "SCORES", "LogMEFit", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid",
-    "rankme", "scores_for_task", "transrate",
+    "SCORES", "LogMEFit", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "picks_better",
+    "pool_to_grid", "rankme", "scores_for_task", "transrate",
 ]

@@ -461,12 +461,17 @@ def early_alignment(align_log, total_steps: int, *, fraction: float = 0.1, site:
 
     ``align_log`` is the fine-tuning loop's record of in-loop alignment (``fit(...)["align"]``, a list of
     ``{"step": s, "align/<site>/<score>": value}``; the loop scores every ``align.every`` steps, so set
-    ``align.every`` to at most ``fraction * steps``). Returns ``{"step", "fraction", "value"}`` of the
-    first record at or after ``fraction * total_steps``.
+    ``align.every`` to at most ``fraction * steps``), or a curve of lists ``{"step": [...], key: [...]}``
+    as the study records it. Returns ``{"step", "fraction", "value"}`` of the first record at or after
+    ``fraction * total_steps``.
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"early alignment fraction must be in (0, 1], got {fraction}")
     key = f"align/{site}/{score}"
+    if isinstance(align_log, dict):
+        if key not in align_log or "step" not in align_log:
+            raise DataError(f"the alignment curve has no 'step' and '{key}' lists")
+        align_log = [{"step": st, key: v} for st, v in zip(align_log["step"], align_log[key])]
     target = max(1, math.ceil(fraction * total_steps))
     later = sorted((r for r in align_log if r.get("step", 0) >= target and key in r), key=lambda r: r["step"])
     if not later:
@@ -478,5 +483,25 @@ def early_alignment(align_log, total_steps: int, *, fraction: float = 0.1, site:
     return {"step": int(rec["step"]), "fraction": rec["step"] / total_steps, "value": float(rec[key])}
 
 
-__all__ = ["SCORES", "LogMEFit", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "pool_to_grid",
-           "rankme", "scores_for_task", "transrate"]
+def picks_better(rows, score: str, *, outcome: str = "gain", group: str = "task") -> dict:
+    """How often ``score`` orders two models as their realised ``outcome`` does, over every pair of rows
+    within a ``group`` (e.g. two backbones on one task): {"agree", "pairs", "rate"}. Pairs where either
+    value is missing or the outcomes tie are left out; a score tie counts as half."""
+    by = {}
+    for r in rows:
+        by.setdefault(r[group], []).append(r)
+    agree, pairs = 0.0, 0
+    for members in by.values():
+        for i in range(len(members)):
+            for j in range(i + 1, len(members)):
+                a, b = members[i], members[j]
+                vals = (a.get(score), b.get(score), a.get(outcome), b.get(outcome))
+                if any(v is None or not math.isfinite(v) for v in vals) or vals[2] == vals[3]:
+                    continue
+                pairs += 1
+                agree += 0.5 if vals[0] == vals[1] else float((vals[0] > vals[1]) == (vals[2] > vals[3]))
+    return {"agree": agree, "pairs": pairs, "rate": agree / pairs if pairs else None}
+
+
+__all__ = ["SCORES", "LogMEFit", "early_alignment", "hard_labels", "hscore", "logme", "logme_fit", "picks_better",
+           "pool_to_grid", "rankme", "scores_for_task", "transrate"]
