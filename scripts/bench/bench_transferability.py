@@ -49,7 +49,7 @@ def main() -> None:
         fn()
         first[name] = time.perf_counter() - t0
     # CPU time of this process beside the wall time: on a shared machine the wall time also counts the waits for
-    # a core, while the CPU time (summed over this process's threads) bounds the wall time on an idle machine.
+    # a core; the CPU time does not, but it also counts the XLA thread pool's spinning, so read both with care.
     cpu = {}
     for name, fn in fns.items():
         c0 = time.process_time()
