@@ -105,6 +105,11 @@ def test_rank_classification_and_errors(setup, capsys):
         assert scores["logme"] is None and "single class" in r["models"][0]["notes"]["logme"]
     assert scores["rankme"] == pytest.approx(align.rankme(x), rel=1e-4)
     assert r["models"][0]["intervals"]["rankme"] is None  # no bootstrap
+    # Restoration: mean target per patch cell; every score applies (H-score and TransRate on its quartiles).
+    assert main(["rank", "--model", mae, "--data", manifest, "--task", "super_resolution", "--bootstrap", "0",
+                 "--out", str(root / "sr"), "--quiet"]) == 0
+    sr = json.loads((root / "sr" / "rank.json").read_text())["models"][0]
+    assert sr["rows"] == 7 * 8 and all(sr["scores"][s] is not None for s in align.SCORES)
     assert main(["rank", "--model", str(root / "nowhere"), "--data", manifest, "--task", "classification",
                  "--out", str(root / "bad")]) == 1
     assert "not a vfm-align model directory" in capsys.readouterr().err
