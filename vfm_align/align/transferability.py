@@ -7,15 +7,16 @@
     align.transrate(x, labels)                     # Huang et al., ICML 2022
     align.rankme(x)                                # Garrido et al., ICML 2023 (label-free)
     align.scores_for_task(x, targets, "segmentation")  # every score that applies to a task's targets
+    align.early_alignment(fit_summary["align"], steps)  # in-loop MMD^2 after 10% of the fine-tuning budget
 
 ``x`` is (n, d) features of n inputs (cases, or patch tokens with targets pooled onto the patch grid
 by :func:`pool_to_grid`). Everything is computed from the moments of ``x``: one pass over the rows
 (jitted, float32 on the device: the mean, the centred Gram X_c^T X_c, class sums and the class Grams
-TransRate needs) and then d x d algebra (jitted, float64) on one eigendecomposition per matrix. The
-eigendecomposition of X^T X is the SVD of X (its eigenvalues are the squared singular values) at
-O(n d^2) instead of an SVD of the tall matrix. Eigenvalues below d * eps_float32 * ||centred Gram||
-are float32 rounding noise and count as zero, so rank-deficient
-features (n < d, collapsed features) give finite, meaningful scores.
+TransRate needs) and then d x d algebra (jitted; float64 for the uncentred X^T X of LogME and RankMe,
+float32 for the centred Grams) on one eigendecomposition per matrix. The eigendecomposition of X^T X
+is the SVD of X (its eigenvalues are the squared singular values) at O(n d^2) instead of an SVD of
+the tall matrix. Eigenvalues below d * eps_float32 * ||Gram|| are float32 rounding noise and count as
+zero, so rank-deficient features (n < d, collapsed features) give finite, meaningful scores.
 
 Bad input (not 2-D, fewer than 2 rows, NaN or inf, a label count that does not match the rows, a
 single class) raises DataError.

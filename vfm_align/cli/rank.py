@@ -56,21 +56,25 @@ def frozen_rows(model_dir: str, cases, cache, task, *, max_rows: int, seed: int,
     arch = read_sidecar(model_dir)["arch"]
     model = vfm_align.load(model_dir)
     features = model_feature_fn(model, arch, ("pooled", "patch"))
+    # The same number of rows from every case (a seeded subset of patch rows, drawn as each case is extracted so
+    # memory stays at about max_rows rows), so a resample of cases has as many rows as the original and every
+    # bootstrap round reuses one compilation.
+    rng = np.random.default_rng(seed)
+    quota = max(1, max_rows // len(cases))
     per_case = []
     for c in tqdm(cases, desc=f"features {os.path.basename(os.path.normpath(model_dir))}", unit="case",
                   disable=not progress):
         sample = {**cache.get(c), "labels": dict(c.labels), "case_id": c.case_id,
                   "spacing": tuple(cache.meta(c)["spacing"])}
-        per_case.append(task_feature_rows(model, arch, sample, task, features))
-    # The same number of rows from every case (a seeded subset of patch rows), so a resample of cases
-    # has as many rows as the original and every bootstrap round reuses one compilation.
-    take = min(min(len(f) for f, _ in per_case), max(1, max_rows // len(per_case)))
-    rng = np.random.default_rng(seed)
+        f, t = task_feature_rows(model, arch, sample, task, features)
+        idx = np.sort(rng.choice(len(f), quota, replace=False)) if len(f) > quota else np.arange(len(f))
+        per_case.append((f[idx], np.asarray(t)[idx]))
+    take = min(len(f) for f, _ in per_case)
     xs, ts, group = [], [], []
     for i, (f, t) in enumerate(per_case):
         idx = np.sort(rng.choice(len(f), take, replace=False)) if len(f) > take else np.arange(len(f))
         xs.append(f[idx])
-        ts.append(np.asarray(t)[idx])
+        ts.append(t[idx])
         group.append(np.full(len(idx), i))
     x = np.concatenate(xs)
     if not np.isfinite(x).all():
