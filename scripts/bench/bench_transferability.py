@@ -39,8 +39,10 @@ def main() -> None:
         "transrate": lambda: align.transrate(x, labels),
         "rankme": lambda: align.rankme(x),
     }
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.machine()) if platform.system() == "Linux" else platform.processor()
+    model = platform.processor() or platform.machine()
+    if platform.system() == "Linux":
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
     print(f"{a.rows} x {a.width} float32, 3 classes; jax {jax.__version__} on {jax.default_backend()} ({model}, "
           f"{jax.device_count()} device(s))")
     first = {}
