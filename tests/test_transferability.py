@@ -80,6 +80,36 @@ def test_logme_is_the_fixed_point_of_the_evidence():
     assert align.logme(x, labels) == pytest.approx(float(np.mean(fit.evidence)))
 
 
+def test_logme_on_a_graded_spectrum_and_below_the_width():
+    """Feature scales spanning three decades under a large common offset (as pretrained features have):
+    the small directions still count; n < d: a target the features cannot explain ends at w = 0."""
+    rng = np.random.default_rng(10)
+    n, d = 3000, 128
+    labels = rng.integers(0, 4, n)
+    scales = np.logspace(0, -3, d)
+    x = ((rng.normal(size=(n, d)) + 0.3 * rng.normal(size=(4, d))[labels]) * scales + 10).astype(np.float32)
+    fit = align.logme_fit(x, labels)
+    x64 = x.astype(np.float64)
+    s = np.linalg.eigvalsh(x64.T @ x64)
+    for c in range(4):
+        y = (labels == c).astype(np.float64)
+        a, b = fit.alpha[c], fit.beta[c]
+        ev, m = _ref_logme_evidence(x64, y, a, b)
+        assert fit.evidence[c] == pytest.approx(ev, abs=1e-4)
+        gamma = np.sum(b * s / (a + b * s))
+        assert gamma / np.sum(m ** 2) == pytest.approx(a, rel=1e-2)
+    wide = np.random.default_rng(1).normal(size=(20, 64)).astype(np.float32)
+    fit = align.logme_fit(wide, np.arange(20) % 2)
+    assert fit.converged and np.isfinite(fit.evidence).all()
+    # The evidence at w = 0 with beta = n / ||y||^2 is the limit an unbounded alpha approaches.
+    big = int(np.argmax(fit.alpha))
+    assert fit.alpha[big] > 1e12
+    y = (np.arange(20) % 2 == big).astype(np.float64)
+    b = 20 / np.sum(y ** 2)
+    limit = (10 * np.log(b) - b / 2 * np.sum(y ** 2) - 10 * np.log(2 * np.pi)) / 20
+    assert fit.evidence[big] == pytest.approx(limit, abs=1e-5)
+
+
 def test_logme_rises_with_aligned_features_and_falls_with_shuffled_labels():
     rng = np.random.default_rng(1)
     weak, labels = _blobs(sep=0.3, seed=1)
