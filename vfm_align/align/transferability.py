@@ -15,8 +15,9 @@ by :func:`pool_to_grid`). Everything is computed from the moments of ``x``: one 
 TransRate needs) and then d x d algebra (jitted; float64 for the uncentred X^T X of LogME and RankMe,
 float32 for the centred Grams) on one eigendecomposition per matrix. The eigendecomposition of X^T X
 is the SVD of X (its eigenvalues are the squared singular values) at O(n d^2) instead of an SVD of
-the tall matrix. Eigenvalues below d * eps_float32 * ||Gram|| are float32 rounding noise and count as
-zero, so rank-deficient features (n < d, collapsed features) give finite, meaningful scores.
+the tall matrix. For RankMe, H-score and TransRate, eigenvalues below d * eps_float32 * ||Gram|| are
+float32 rounding noise and count as zero, so rank-deficient features (n < d, collapsed features) give
+finite, meaningful scores; LogME needs no floor (see _logme64).
 
 Bad input (not 2-D, fewer than 2 rows, NaN or inf, a label count that does not match the rows, a
 single class) raises DataError.
