@@ -154,3 +154,141 @@ def open_bank(path: str | os.PathLike) -> Bank:
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{side}: unreadable bank sidecar ({exc})") from None
     return Bank(data=data, provenance=prov, path=os.path.abspath(path))
+
+
+# -- features of a saved model over cohort samples (shared by ``vfm-align score`` and ``vfm-align rank``) ------
+
+def _layer_sites(sites) -> bool:
+    """Whether any requested site is a per-block output (models give those with ``layers=True``)."""
+    return any(s.startswith("block") or "_block" in s for s in sites)
+
+
+def _pick(feats: dict, sites) -> dict:
+    missing = [s for s in sites if s not in feats]
+    if missing:
+        raise DataError(f"feature site(s) {', '.join(missing)} not produced by the model "
+                        f"(available: {', '.join(sorted(feats))})")
+    # Maps (N, d, h, w, C) become token rows (N, d*h*w, C), row-major, like "patch".
+    return {s: feats[s].reshape(feats[s].shape[0], -1, feats[s].shape[-1]) if feats[s].ndim > 3 else feats[s]
+            for s in sites}
+
+
+def _volume_features(model, x, sites):
+    feats = model.features(x, layers=True) if _layer_sites(sites) else model.features(x)
+    return _pick(feats, sites)
+
+
+def _slice_features(model, x, sites, size):
+    from vfm_align.models.task_model import volume_to_slices
+
+    s, pos = volume_to_slices(x, 0, 3, size)
+    feats = model.features(s, pos, layers=True) if _layer_sites(sites) else model.features(s, pos)
+    return _pick(feats, sites)
+
+
+_JIT = {}
+
+
+def _jit():
+    # Module-level jitted functions: two models of one graph (before / after) share one compilation.
+    if not _JIT:
+        from flax import nnx
+
+        _JIT["volume"] = nnx.jit(_volume_features, static_argnames=("sites",))
+        _JIT["slices"] = nnx.jit(_slice_features, static_argnames=("sites", "size"))
+    return _JIT
+
+
+def model_input_shape(model, arch: str):
+    """The (D, H, W) a volume model was built for (MAE-ViT's img_size), or None: any size goes."""
+    target = getattr(model.config, "img_size", None)
+    if arch == "provicnet" or not (isinstance(target, (tuple, list)) and len(target) == 3):
+        return None
+    return tuple(int(t) for t in target)
+
+
+def fit_sample(sample: dict, model, arch: str) -> dict:
+    """Centre-crop / pad a sample (image and masks) to the model's input size, where it has one."""
+    target = model_input_shape(model, arch)
+    if target is None:
+        return sample
+    from vfm_align.data.augment import crop_or_pad
+
+    return crop_or_pad(sample, target)
+
+
+def model_feature_fn(model, arch: str, sites=("pooled",)):
+    """image (D, H, W, C) -> {site: features (numpy)} for a loaded model; ProViCNet runs on 2.5D slices of
+    the T2w channel (one row per slice), volume models on the whole volume (batch of one)."""
+    import jax.numpy as jnp
+
+    sites = tuple(sites)
+
+    def run(image):
+        x = jnp.asarray(np.asarray(image, np.float32))[None]
+        if arch == "provicnet":
+            out = _jit()["slices"](model, x, sites, int(model.config.img_size))
+        else:
+            out = _jit()["volume"](model, x, sites)
+        return {s: np.asarray(v) for s, v in out.items()}
+
+    return run
+
+
+def patch_grid(model, arch: str, image_shape) -> tuple[int, int, int]:
+    """The (d, h, w) grid of the "patch" rows of an image (D, H, W, C): row-major cells, one row each.
+
+    ProViCNet: one (gh, gw) patch grid per slice, so (D, gh, gw); ProFound-Conv: its last stage's map;
+    MAE-ViT: the patch grid of the (cropped) volume.
+    """
+    key = (arch, repr(model.config), tuple(image_shape))
+    if key not in _GRIDS:
+        _GRIDS[key] = _patch_grid(model, arch, tuple(image_shape))
+    return _GRIDS[key]
+
+
+_GRIDS = {}
+
+
+def _patch_grid(model, arch, image_shape):
+    import jax
+    import jax.numpy as jnp
+
+    d, h, w, c = image_shape
+    if arch == "provicnet":
+        s = int(model.config.img_size)
+        from vfm_align.models.task_model import volume_to_slices
+
+        shape = jax.eval_shape(lambda m, x: m.features(*volume_to_slices(x, 0, 3, s))["patch_map"], model,
+                               jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
+        return (d, int(shape[1]), int(shape[2]))
+    if hasattr(model.config, "grid_for"):
+        return tuple(int(g) for g in model.config.grid_for((d, h, w)))
+    shape = jax.eval_shape(lambda m, x: m.features(x)["stage3"], model,
+                           jax.ShapeDtypeStruct((1, d, h, w, c), jnp.float32)).shape
+    return tuple(int(g) for g in shape[1:4])
+
+
+def task_feature_rows(model, arch: str, sample: dict, task, features=None) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features of one case for a task and the targets they are scored against, row for row.
+
+    Classification: one row per case, the "pooled" features (ProViCNet: averaged over the slices, as its
+    task head does) and the class label. Segmentation / detection: one row per "patch" token with the
+    fraction of each class in its cell; dense regression: the mean target per cell (align.pool_to_grid).
+    ``sample`` is a cohort sample (vfm_align.data.tasks); ``task`` a Task; ``features`` a
+    :func:`model_feature_fn` of (model, arch, ("pooled", "patch")) to reuse its compilation.
+    """
+    from vfm_align.align.transferability import pool_to_grid
+
+    features = features or model_feature_fn(model, arch, ("pooled", "patch"))
+    sample = fit_sample(sample, model, arch)
+    image, target = task.make(sample)
+    feats = features(image)
+    if task.kind == "classification":
+        return feats["pooled"].reshape(-1, feats["pooled"].shape[-1]).mean(0, keepdims=True), np.reshape(target, (1,))
+    rows = feats["patch"].reshape(-1, feats["patch"].shape[-1])
+    grid = patch_grid(model, arch, np.shape(image))
+    pooled = pool_to_grid(target, grid, num_classes=task.num_outputs if task.kind == "segmentation" else None)
+    if len(pooled) != len(rows):
+        raise DataError(f"case '{sample.get('case_id')}': {len(rows)} patch rows but a {grid} grid")
+    return rows, pooled

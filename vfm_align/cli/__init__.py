@@ -17,6 +17,7 @@ _COMMANDS = (
     "vfm_align.cli.infer",
     "vfm_align.cli.phantom",
     "vfm_align.cli.score",
+    "vfm_align.cli.rank",
     "vfm_align.cli.pretrain",
     "vfm_align.cli.study",
 )

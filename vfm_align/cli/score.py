@@ -32,6 +32,9 @@ def register(sub) -> None:
     src.add_argument("--after-bank", metavar="NPY", help="precomputed bank instead of --after/--data")
     p.add_argument("--features", default="pooled", metavar="SITE",
                    help="feature site: pooled, cls or patch (patch tokens give one row per token); default pooled")
+    p.add_argument("--layers", default=None, metavar="A,B,...",
+                   help="also score these feature sites, one per layer (e.g. block0,block1 for ViTs, "
+                        "stage0_block0,... for ProFound-Conv): MMD^2, CKA and drift per layer, without a p-value")
     p.add_argument("--method", default="rff", choices=("rff", "exact"), help="MMD computation (default rff)")
     p.add_argument("--estimator", default="unbiased", choices=("unbiased", "biased"))
     p.add_argument("--num-features", type=int, default=4096, help="random frequencies (rff; default 4096)")
@@ -67,63 +70,17 @@ def _check_same_model(before: str, after: str) -> dict:
     return a
 
 
-def _volume_features(model, x, site):
-    return model.features(x)[site]
-
-
-def _slice_features(model, x, site, size):
-    from vfm_align.models.task_model import volume_to_slices
-
-    s, pos = volume_to_slices(x, 0, 3, size)
-    return model.features(s, pos)[site]
-
-
-def _feature_fn(model, arch: str, site: str):
-    """volume (D, H, W, C) -> {site: features}; ProViCNet runs on 2.5D slices of the T2w channel.
-
-    The jitted functions live at module level so that the before and after models (same graph)
-    share one compilation.
-    """
-    import jax.numpy as jnp
-    import numpy as np
-
-    cfg = model.config
-    target = getattr(cfg, "img_size", None)
-    target = tuple(target) if isinstance(target, (tuple, list)) and len(target) == 3 else None
-
-    def run(sample):
-        if target is not None and arch != "provicnet":
-            from vfm_align.data.augment import crop_or_pad
-
-            sample = crop_or_pad(sample, target)
-        x = jnp.asarray(np.asarray(sample["image"], np.float32))[None]
-        if arch == "provicnet":
-            out = _jit()["slices"](model, x, site, int(cfg.img_size))
-        else:
-            out = _jit()["volume"](model, x, site)
-        return {site: np.asarray(out)}
-
-    return run
-
-
-_JIT = {}
-
-
-def _jit():
-    if not _JIT:
-        from flax import nnx
-
-        _JIT["volume"] = nnx.jit(_volume_features, static_argnames=("site",))
-        _JIT["slices"] = nnx.jit(_slice_features, static_argnames=("site", "size"))
-    return _JIT
-
-
 def _extract(model_dir, arch, cases, cache, site, path, provenance, args):
     import vfm_align
     from vfm_align.align import extract_bank
+    from vfm_align.align.banks import fit_sample, model_feature_fn
 
     model = vfm_align.load(model_dir)
-    fn = _feature_fn(model, arch, site)
+    features = model_feature_fn(model, arch, (site,))
+
+    def fn(sample):
+        return features(fit_sample(sample, model, arch)["image"])
+
     samples = ({**cache.get(c), "case_id": c.case_id} for c in cases)
     return extract_bank(fn, _Sized(samples, len(cases)), path, site=site, provenance=provenance,
                         overwrite=args.overwrite, progress=not args.quiet)
@@ -142,7 +99,7 @@ class _Sized:
         return self.n
 
 
-def _banks_from_models(args, out_dir, timings):
+def _banks_from_models(args, out_dir, timings, site=None):
     import tempfile
 
     from vfm_align.data.cache import PreprocessCache
@@ -151,6 +108,7 @@ def _banks_from_models(args, out_dir, timings):
 
     if not (args.before and args.after and args.data):
         raise ConfigError("give --before, --after and --data, or --before-bank and --after-bank")
+    site = site or args.features
     meta = _check_same_model(args.before, args.after)
     cohort = read_manifest(args.data)
     cases = cohort.split(args.split) if args.split else list(cohort.cases)
@@ -164,9 +122,9 @@ def _banks_from_models(args, out_dir, timings):
         t0 = time.perf_counter()
         prov = {"model": os.path.abspath(model_dir), "arch": meta["arch"], "config": meta.get("config"),
                 "cohort": os.path.abspath(args.data), "split": args.split, "cases": [c.case_id for c in cases]}
-        banks.append(_extract(model_dir, meta["arch"], cases, cache, args.features,
-                              os.path.join(bank_dir, f"{role}_{args.features}.npy"), prov, args))
-        timings[f"extract_{role}_s"] = time.perf_counter() - t0
+        banks.append(_extract(model_dir, meta["arch"], cases, cache, site,
+                              os.path.join(bank_dir, f"{role}_{site}.npy"), prov, args))
+        timings[f"extract_{role}_s"] = timings.get(f"extract_{role}_s", 0.0) + time.perf_counter() - t0
     return banks[0], banks[1]
 
 
@@ -186,6 +144,8 @@ def run(args) -> int:
             raise ConfigError("--before-bank and --after-bank go together")
         if args.before or args.after or args.data:
             raise ConfigError("give either banks (--before-bank/--after-bank) or models with --data, not both")
+        if args.layers:
+            raise ConfigError("--layers extracts features from models: give --before, --after and --data")
         before, after = open_bank(args.before_bank), open_bank(args.after_bank)
     else:
         before, after = _banks_from_models(args, out_dir, timings)
@@ -232,6 +192,10 @@ def run(args) -> int:
         result["cka"] = linear_cka(x, y)
         result.update(paired_drift(x, y))
         timings["paired_s"] = time.perf_counter() - t0
+    if args.layers:
+        t0 = time.perf_counter()
+        result["layers"] = _layer_scores(args, out_dir, timings, {args.features: (before, after)})
+        timings["layers_s"] = time.perf_counter() - t0
     result["timings"] = timings
     if out_dir:
         write_json(res_path, result)
@@ -239,6 +203,28 @@ def run(args) -> int:
     if out_dir:
         print(f"wrote {res_path}")
     return 0
+
+
+def _layer_scores(args, out_dir, timings, done: dict) -> dict:
+    """MMD^2 (same estimator and frequencies, the bandwidth fitted per layer), CKA and drift per layer site;
+    ``done``: site -> (before, after) banks already extracted in this run."""
+    from vfm_align.align import median_sigma, mmd, paired_measures
+    from vfm_align.errors import ConfigError
+
+    sites = [s.strip() for s in args.layers.split(",") if s.strip()]
+    if not sites:
+        raise ConfigError(f"--layers: no site names in '{args.layers}'")
+    out = {}
+    for site in sites:
+        before, after = done[site] if site in done else _banks_from_models(args, out_dir, timings, site=site)
+        x, y = before.data, after.data
+        sigma = median_sigma(x, None if args.sigma_from == "before" else y, seed=args.seed)
+        out[site] = {"n": int(x.shape[0]), "d": int(x.shape[1]), "sigma": sigma,
+                     "mmd2": mmd(x, y, sigma=sigma, estimator=args.estimator, method=args.method,
+                                 num_features=args.num_features, seed=args.seed,
+                                 orthogonal=FREQUENCIES[args.frequencies]),
+                     **paired_measures(x, y)}
+    return out
 
 
 def _print_table(r: dict) -> None:
@@ -250,6 +236,8 @@ def _print_table(r: dict) -> None:
     if "cka" in r:
         rows += [("linear CKA", f"{r['cka']:.6f}"), ("mean cosine", f"{r['mean_cosine']:.6f}"),
                  ("mean L2", f"{r['mean_l2']:.6g}")]
+    for site, m in r.get("layers", {}).items():
+        rows.append((f"layer {site}", f"MMD^2 {m['mmd2']:.6g}  CKA {m['cka']:.6f}  (n {m['n']}, d {m['d']})"))
     rows += [(k.replace("_s", " (s)"), f"{v:.2f}") for k, v in r["timings"].items()]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -115,8 +115,9 @@ class ConvNeXt3D(nnx.Module):
         self.stages = nnx.List(stages)
         self.norm = layer_norm(dims[-1], cfg.ln_eps, rngs=rngs)
 
-    def stage_outputs(self, x, keeps=None):
-        """The four raw stage maps. ``keeps``: per-stage visibility masks (N, d, h, w, 1) or None."""
+    def stage_outputs(self, x, keeps=None, blocks: dict | None = None):
+        """The four raw stage maps. ``keeps``: per-stage visibility masks (N, d, h, w, 1) or None.
+        ``blocks``: a dict that receives every block's output map as "stage{s}_block{b}"."""
         outs = []
         for s in range(4):
             keep = None if keeps is None else keeps[s]
@@ -129,8 +130,10 @@ class ConvNeXt3D(nnx.Module):
                 x = self.downs[s - 1](x)
             if keep is not None:
                 x = x * keep
-            for blk in self.stages[s]:
+            for b, blk in enumerate(self.stages[s]):
                 x = blk(x, keep)
+                if blocks is not None:
+                    blocks[f"stage{s}_block{b}"] = x
             outs.append(x)
         return outs
 
@@ -139,10 +142,16 @@ class ConvNeXt3D(nnx.Module):
         pooled = self.norm(jnp.mean(stages[-1], axis=(1, 2, 3)))
         return (pooled, stages) if return_stages else pooled
 
-    def features(self, x) -> dict:
-        """Named features for alignment scoring: pooled, stage0..stage3 (channels-last), patch tokens."""
-        pooled, stages = self(x, return_stages=True)
-        out = {"pooled": pooled}
+    def features(self, x, *, layers: bool = False) -> dict:
+        """Named features for alignment scoring: pooled, stage0..stage3 (channels-last), patch tokens.
+
+        ``layers=True`` adds every block's output map, "stage{s}_block{b}" (N, d, h, w, C), for per-layer
+        alignment scores (the last block of a stage is that stage's map).
+        """
+        blocks = {} if layers else None
+        stages = self.stage_outputs(x, blocks=blocks)
+        pooled = self.norm(jnp.mean(stages[-1], axis=(1, 2, 3)))
+        out = {"pooled": pooled, **(blocks or {})}
         out.update({f"stage{i}": s for i, s in enumerate(stages)})
         last = stages[-1]
         out["patch"] = last.reshape(last.shape[0], -1, last.shape[-1])

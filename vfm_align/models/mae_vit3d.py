@@ -216,7 +216,8 @@ class MaeViT3d(nnx.Module):
         """cls (N, E), patch tokens (N, T, E) and their mean ``pooled`` (N, E), all after the final norm.
 
         ``layers=True`` adds "layers" (N, depth, 1 + T, E): every block's raw output (before the
-        final norm), for per-layer alignment scores.
+        final norm), and the same per block as "block0".."block{depth-1}": its patch tokens (N, T, E),
+        for per-layer alignment scores.
         """
         hidden = [] if layers else None
         z = self._encode_tokens(self._embed(x), hidden)
@@ -224,6 +225,7 @@ class MaeViT3d(nnx.Module):
         out = {"cls": z[:, 0], "patch": patch, "pooled": patch.mean(axis=1)}
         if layers:
             out["layers"] = jnp.stack(hidden, axis=1)
+            out.update({f"block{i}": h[:, 1:] for i, h in enumerate(hidden)})
         return out
 
     # -- MAE ----------------------------------------------------------------------------------

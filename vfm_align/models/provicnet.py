@@ -226,6 +226,11 @@ class ProViCNet(nnx.Module):
 
     def tokens(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, int, int]:
         """Final-normed tokens (N, 7 + gh*gw, E) in the order [cls, registers, axis_pos, axis_max, patches]."""
+        t, gh, gw = self._input_tokens(x, pos, with_grid=True)
+        return self.norm(self._run_blocks(t)), gh, gw
+
+    def _input_tokens(self, x: jax.Array, pos: jax.Array, with_grid: bool = False):
+        """The token sequence entering the first block: [cls, registers, axis_pos, axis_max, patches]."""
         n = x.shape[0]
         patches, gh, gw = self._patchify(x)
         if gh != gw:
@@ -242,7 +247,7 @@ class ProViCNet(nnx.Module):
             self.axis_max(pos[:, 1:2])[:, None],
             patches,
         ], axis=1)
-        return self.norm(self._run_blocks(t)), gh, gw
+        return (t, gh, gw) if with_grid else t
 
     def _run_blocks(self, t: jax.Array) -> jax.Array:
         """The transformer blocks, batched or, for inference on one CPU device, one slice at a time.
@@ -262,12 +267,20 @@ class ProViCNet(nnx.Module):
             return jax.lax.map(lambda ti: run(ti[None])[0], t)
         return run(t)
 
-    def features(self, x: jax.Array, pos: jax.Array) -> dict[str, jax.Array]:
-        """Named feature sets for alignment scoring (all after the final LayerNorm)."""
-        t, gh, gw = self.tokens(x, pos)
+    def features(self, x: jax.Array, pos: jax.Array, *, layers: bool = False) -> dict[str, jax.Array]:
+        """Named feature sets for alignment scoring (all after the final LayerNorm).
+
+        ``layers=True`` adds "block0".."block{depth-1}": each block's patch tokens (N, gh*gw, E), raw
+        (before the final norm), for per-layer alignment scores; the other outputs are unchanged.
+        """
+        if layers:
+            hidden = self.block_outputs(x, pos)
+            t, gh, gw = self.norm(hidden[-1]), *self._grid(x)
+        else:
+            t, gh, gw = self.tokens(x, pos)
         r = self.config.num_registers
         patch = t[:, self.config.num_prefix:]
-        return {
+        out = {
             "cls": t[:, 0],
             "registers": t[:, 1: 1 + r],
             "axis": t[:, 1 + r: 3 + r],
@@ -275,6 +288,22 @@ class ProViCNet(nnx.Module):
             "pooled": patch.mean(axis=1),
             "patch_map": patch.reshape(x.shape[0], gh, gw, -1),
         }
+        if layers:
+            out.update({f"block{i}": h[:, self.config.num_prefix:] for i, h in enumerate(hidden)})
+        return out
+
+    def _grid(self, x: jax.Array) -> tuple[int, int]:
+        p = self.config.patch_size
+        return x.shape[1] // p, x.shape[2] // p
+
+    def block_outputs(self, x: jax.Array, pos: jax.Array) -> list[jax.Array]:
+        """Every block's raw output (N, 7 + gh*gw, E), batched (the per-slice CPU path is for inference speed)."""
+        t = self._input_tokens(x, pos)
+        hidden = []
+        for blk in self.blocks:
+            t = blk(t)
+            hidden.append(t)
+        return hidden
 
     def patch_tokens(self, x: jax.Array, pos: jax.Array) -> jax.Array:
         """(N, gh*gw, E) normed patch tokens, row-major over the patch grid."""
