@@ -80,6 +80,7 @@ def test_fenced_command_parses(argv):
 
 def _with_stubs(argv: list[str]) -> list[str]:
     """Inline code shows fragments: add a placeholder for each required argument the fragment leaves out."""
+    argv = [a for a in argv if a not in ("...", "\u2026")]  # an ellipsis stands for arguments left out
     sub = _subparsers()[argv[0]]
     given = {a.split("=", 1)[0] for a in argv[1:]}
     options, positionals = [], []
