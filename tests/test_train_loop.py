@@ -12,7 +12,8 @@ import pytest
 from train_toy import make_data
 from vfm_align.config_file import load_config
 from vfm_align.train.checkpoint import RunCheckpoints
-from vfm_align.train.loop import TrainingDiverged, batch_indices, fit
+from vfm_align.train.data import batch_indices
+from vfm_align.train.loop import TrainingDiverged, fit
 from vfm_align.train.recipes import base_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
