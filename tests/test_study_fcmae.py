@@ -23,7 +23,7 @@ from vfm_align.models.registry import config_from_dict
 from vfm_align.study import pretrain as pretrain_mod, taskdata
 from vfm_align.study.backbones import GridFeatures, backbone_config, pretraining_model
 from vfm_align.config_file import default_config_path, load_config
-from vfm_align.study.finetune import run_finetune
+from vfm_align.study.finetune import Run, run_finetunes
 from vfm_align.study.objectives import make_objective
 from vfm_align.study.pretrain import pretrain, study_mesh
 
@@ -170,8 +170,8 @@ def test_finetune_from_fcmae_encoder(pretrained, cohort, task):
     c = cohort[1]
     probe = c["image"][:2]
     start = _feats(loaded, probe)["pooled"]  # before: fine-tuning donates the loaded weights' buffers
-    res = run_finetune(b.family, config, loaded, task, taskdata.make_task_data(c, task, seed=0), probe,
-                       study.finetune, study_mesh(study.mesh), seed=0, progress=False)
+    (res,) = run_finetunes(b.family, config, [Run(loaded, 0)], task, taskdata.make_task_data(c, task, seed=0), probe,
+                           study.finetune, study_mesh(study.mesh), progress=False)
     curve = res["curve"]
     assert curve["step"] == [0, 1, 2] and np.all(np.isfinite(curve["loss"][1:]))
     assert np.isfinite(curve["align/pooled/mmd2"]).all() and np.isfinite(curve["align/patch/cka"]).all()

@@ -170,8 +170,11 @@ def make_feature_step(gdef_eval, shardings, mesh, sites, *, keep: int | None = N
     def run(state, image):
         model = nnx.merge(gdef_eval, state["params"], state["rest"])
         feats = model.features(image)
-        n = image.shape[0] if keep is None else keep
-        return {s: feats[s][:n].reshape(-1, feats[s].shape[-1]).astype(jnp.float32) for s in sites}
+        out = {}
+        for s in sites:
+            f = feats[s].reshape(-1, feats[s].shape[-1]).astype(jnp.float32)  # sample-major rows
+            out[s] = f if keep is None else f[: f.shape[0] // image.shape[0] * keep]
+        return out
 
     if stacked:
         return jax.jit(jax.vmap(run, in_axes=(0, None)), in_shardings=_in_shardings(shardings, mesh, True))
