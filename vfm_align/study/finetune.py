@@ -42,7 +42,7 @@ class Run:
 
 
 class _LRU:
-    """The last few compiled step sets, by run shape (a study revisits a shape only when it resumes)."""
+    """The last few compiled step sets (or initial states), by run shape: bounded, as a process may run many."""
 
     def __init__(self, size: int = 4):
         self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
@@ -58,6 +58,7 @@ class _LRU:
 
 
 _COMPILED = _LRU()
+_INITIAL = _LRU(8)
 
 
 def grid_task_model(family: str, backbone: nnx.Module, task: str, input_shape, cfg, seed: int) -> TaskModel:
@@ -102,13 +103,11 @@ def run_finetunes(family: str, config, runs: list[Run], task: str, data: dict, p
     sh, train_step, eval_step, feature_step = _COMPILED.get(
         key, lambda: _steps(build_for(seeds[0]), spec, cfg, steps, mesh, n_probe))
 
-    initial = {}  # the random initial state of each seed, built once, on the host
+    make_tx = lambda p: make_optimizer(cfg.optim, p, steps)[0]  # noqa: E731
     states = []
-    for r in runs:
-        if r.seed not in initial:
-            make_tx = lambda p: make_optimizer(cfg.optim, p, steps)[0]  # noqa: E731
-            initial[r.seed] = jax.device_get(create_state(build_for(r.seed), make_tx, mesh)[2])
-        state = jax.device_put(initial[r.seed], sh)  # each run its own copy: the step donates its input
+    for r in runs:  # the random initial state of a seed is built once and kept on the host (a pair shares it)
+        initial = _INITIAL.get((key, r.seed), lambda: jax.device_get(create_state(build_for(r.seed), make_tx, mesh)[2]))
+        state = jax.device_put(initial, sh)  # each run its own copy: the step donates its input
         if r.pretrained is not None:
             state = with_backbone(state, GridFeatures(r.pretrained, family), sh)
         states.append(state)
