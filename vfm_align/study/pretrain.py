@@ -3,7 +3,8 @@
 Training runs on the project's engine (``vfm_align.train``: the jitted step with the
 objective of :mod:`vfm_align.study.objectives` in place of a task loss, and the loop with its NaN
 stop and stop flag); only the objective differs from fine-tuning. The result is a model directory
-that :func:`vfm_align.load` restores: the backbone of the family (for ``profound_conv`` the FCMAE is trained and only its ConvNeXt-V2 encoder is saved).
+that :func:`vfm_align.load` restores: the backbone of the family (for ``profound_conv`` the FCMAE is
+trained and only its ConvNeXt-V2 encoder is saved).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ For each pair it records the final metric, the relative gain over the random-ini
 with the same budget, the steps to 90 % of the final improvement (convergence), and the in-loop
 alignment curves (MMD^2, CKA, drift) per feature site; then it correlates alignment with gain and
 with convergence across pairs. Each (backbone, task) pair is fine-tuned from both initialisations and
-``cfg.finetune.seeds`` seeds (seed, seed + 1, ...) as one group of stacked runs (one compiled step);
-each (backbone, task, init, seed) result is written atomically to ``runs/`` as its group completes, so
-an interrupted study resumes where it stopped. ``cfg.workers`` groups (and pretrainings) run at a
-time, in threads; the results do not depend on it.
+``cfg.finetune.seeds`` seeds (seed, seed + 1, ...) as stacked runs: groups of ``cfg.finetune.stack``
+runs (0, the default: all of the pair's) train as one compiled step. Each (backbone, task, init, seed)
+result is written atomically to ``runs/`` as its group completes, so an interrupted study resumes
+where it stopped. ``cfg.workers`` groups (and pretrainings) run at a time, in threads; the results do
+not depend on it, nor on the grouping beyond float32 rounding.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
                 if not os.path.exists(path):
                     todo.append((init, seed, path))
         if todo:
-            jobs.append((label, b, t, todo))
+            size = int(cfg.finetune.get("stack", 0)) or len(todo)  # runs per compiled step (0: the whole pair)
+            jobs += [(label, b, t, todo[i:i + size]) for i in range(0, len(todo), size)]
         else:
             console.log(f"{label} {b.name} / {t}: done earlier, skipped")
 
