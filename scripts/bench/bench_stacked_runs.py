@@ -104,6 +104,8 @@ def main():
     print(f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}; {args.backbone} ({b.family}) / {args.task}, "
           f"{args.runs} runs of {args.steps} steps (batch {ft.batch_size}, volumes {cohort['image'].shape[1:]}, "
           f"evaluation every {ft.eval_every} steps); compiles excluded")
+    for seed in dict.fromkeys(r.seed for r in runs):  # every seed's initial state, built (and kept) before timing
+        warm_up([Run(None, seed)])
     rate = {}
     for name, (size, fn) in approaches.items():
         t0 = time.perf_counter()
