@@ -191,3 +191,19 @@ def test_fcmae_config_errors():
     bad = load_config(default_config_path("pretrain_fcmae"), ["backbone=mae_vit"])
     with pytest.raises(ConfigError, match="trains a 'profound_conv' backbone"):
         pretrain(bad, {"image": np.zeros((1, *SHAPE, 3), np.float32)}, "/nonexistent/never-written")
+
+
+def test_pretraining_stops_on_a_non_finite_loss():
+    """The study's pretraining runs through the engine's loop, so it has its NaN stop: a NaN input at step 1
+    stops it there with an error naming the step, and nothing is saved."""
+    from vfm_align.train.loop import TrainingDiverged
+
+    cfg = load_config(default_config_path("pretrain_fcmae"), ["steps=3", "batch_size=2"])
+    image = np.random.default_rng(0).normal(size=(4, *SHAPE, 3)).astype(np.float32)
+    data = {"image": image, "cancer": np.zeros((4, *SHAPE), np.int32)}
+    draws = np.random.default_rng(int(cfg.seed))  # the stream DrawnBatches draws rows from, step by step
+    step0, step1 = draws.choice(4, 2, replace=False), draws.choice(4, 2, replace=False)
+    bad = next(i for i in step1 if i not in step0)  # a case that step 1 (and not step 0) trains on
+    image[bad, 0, 0, 0, 0] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"pretraining profound_conv/fcmae: non-finite .* at step 1 "):
+        pretrain(cfg, data, "/nonexistent/never-written", progress=False)
