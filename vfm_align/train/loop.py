@@ -125,7 +125,7 @@ def train_loop(step_fn, state, batch_fn, *, total: int, start: int = 0, hooks=()
         pending.clear()
 
     def all_diverged():
-        return len(loop.diverged) == (int(jax.tree.leaves(state["active"])[0].shape[0]) if stacked else 1)
+        return len(loop.diverged) == (int(state["active"].shape[0]) if stacked else 1)
 
     if start == 0:
         for h in hooks:
