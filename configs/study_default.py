@@ -24,11 +24,10 @@ def get_config(pretrain_steps=400, finetune_steps=150, cases=96):
         mesh=dict(devices=1, data=1, fsdp=1),
         tasks=["classification", "segmentation", "detection", "super_resolution", "distortion_correction"],
         # backbone: profound_conv, profound_mae or provicnet (the names of configs/finetune.py).
-        # TODO(merge): "family" repeats "backbone" for the study runner; remove after engine merge.
         backbones=[
-            mc.ConfigDict(dict(name="reconstruction", backbone="profound_mae", family="profound_mae", weights="",
+            mc.ConfigDict(dict(name="reconstruction", backbone="profound_mae", weights="",
                                pretrain=mae)),
-            mc.ConfigDict(dict(name="contrastive", backbone="provicnet", family="provicnet", weights="",
+            mc.ConfigDict(dict(name="contrastive", backbone="provicnet", weights="",
                                pretrain=con)),
         ],
         finetune=dict(steps=finetune_steps, eval_every=max(1, finetune_steps // 10), batch_size=4, head_hidden=16,

@@ -20,7 +20,5 @@ def get_config(**kwargs):
     cfg = recipe_module("study_default.py", beside=__file__).get_config(**kwargs)
     fcmae = recipe_module("pretrain_fcmae.py", beside=__file__).get_config()
     fcmae.steps = cfg.backbones[0].pretrain.steps
-    # TODO(merge): "family" repeats "backbone" for the study runner; remove after engine merge.
-    cfg.backbones.append(mc.ConfigDict(dict(name="reconstruction_conv", backbone="profound_conv",
-                                            family="profound_conv", weights="", pretrain=fcmae)))
+    cfg.backbones.append(mc.ConfigDict(dict(name="reconstruction_conv", backbone="profound_conv", weights="", pretrain=fcmae)))
     return cfg

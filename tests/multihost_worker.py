@@ -37,7 +37,7 @@ def main():
     from vfm_align.train.optim import make_optimizer
     from vfm_align.train.recipes import base_config
     from vfm_align.train.state import create_state
-    from vfm_align.train.step import jit_train_step, make_train_step, task_loss
+    from vfm_align.train.step import jit_train_step, make_train_step, task_objective
 
     assert jax.device_count() == 4 and jax.process_count() == nproc, (jax.device_count(), jax.process_count())
     cfg = base_config(backbone, "segmentation", "tiny")
@@ -47,7 +47,7 @@ def main():
     kind, loss = get_task("segmentation").head, get_task("segmentation").loss
     gdef, _, state, sh, tx = create_state(lambda: build_task_model(cfg, data["image"].shape[1:]),
                                           lambda p: make_optimizer(cfg.optim, p, 10)[0], mesh, min_size=256)
-    step = jit_train_step(make_train_step(gdef, task_loss(kind, loss), tx, kind=kind, seed=3), sh, mesh)
+    step = jit_train_step(make_train_step(gdef, task_objective(kind, loss), tx, seed=3), sh, mesh)
     batches = ArrayBatches(data, 8, seed=0)
     losses = []
     for i in range(2):

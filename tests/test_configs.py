@@ -35,10 +35,10 @@ def test_finetune_recipe_resolves_as_the_fifteen_files_did(backbone, variant):
 
 def _renamed(old):
     """The study / pretraining configs as before, with the stated renames: the MAE backbone's study name
-    mae_vit -> profound_mae, and each study backbone's key "backbone" (its temporary twin "family" kept)."""
+    mae_vit -> profound_mae, and each study backbone's key "family" -> "backbone"."""
     old = json.loads(json.dumps(old).replace('"mae_vit"', '"profound_mae"'))
     for b in old.get("backbones", []):
-        b["backbone"] = b["family"]
+        b["backbone"] = b.pop("family")
     return old
 
 

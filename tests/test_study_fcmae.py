@@ -23,7 +23,7 @@ from vfm_align.models.registry import config_from_dict
 from vfm_align.study import pretrain as pretrain_mod, taskdata
 from vfm_align.study.backbones import GridFeatures, backbone_config, pretraining_model
 from vfm_align.config_file import default_config_path, load_config
-from vfm_align.study.finetune import run_finetune
+from vfm_align.study.finetune import Run, run_finetunes
 from vfm_align.study.objectives import make_objective
 from vfm_align.study.pretrain import pretrain, study_mesh
 
@@ -170,8 +170,8 @@ def test_finetune_from_fcmae_encoder(pretrained, cohort, task):
     c = cohort[1]
     probe = c["image"][:2]
     start = _feats(loaded, probe)["pooled"]  # before: fine-tuning donates the loaded weights' buffers
-    res = run_finetune(b.backbone, config, loaded, task, taskdata.make_task_data(c, task, seed=0), probe,
-                       study.finetune, study_mesh(study.mesh), seed=0, progress=False)
+    (res,) = run_finetunes(b.backbone, config, [Run(loaded, 0)], task, taskdata.make_task_data(c, task, seed=0), probe,
+                           study.finetune, study_mesh(study.mesh), progress=False)
     curve = res["curve"]
     assert curve["step"] == [0, 1, 2] and np.all(np.isfinite(curve["loss"][1:]))
     assert np.isfinite(curve["align/pooled/mmd2"]).all() and np.isfinite(curve["align/patch/cka"]).all()
@@ -191,3 +191,19 @@ def test_fcmae_config_errors():
     bad = load_config(default_config_path("pretrain_fcmae"), ["backbone=profound_mae"])
     with pytest.raises(ConfigError, match="trains a 'profound_conv' backbone"):
         pretrain(bad, {"image": np.zeros((1, *SHAPE, 3), np.float32)}, "/nonexistent/never-written")
+
+
+def test_pretraining_stops_on_a_non_finite_loss():
+    """The study's pretraining runs through the engine's loop, so it has its NaN stop: a NaN input at step 1
+    stops it there with an error naming the step, and nothing is saved."""
+    from vfm_align.train.loop import TrainingDiverged
+
+    cfg = load_config(default_config_path("pretrain_fcmae"), ["steps=3", "batch_size=2"])
+    image = np.random.default_rng(0).normal(size=(4, *SHAPE, 3)).astype(np.float32)
+    data = {"image": image, "cancer": np.zeros((4, *SHAPE), np.int32)}
+    draws = np.random.default_rng(int(cfg.seed))  # the stream DrawnBatches draws rows from, step by step
+    step0, step1 = draws.choice(4, 2, replace=False), draws.choice(4, 2, replace=False)
+    bad = next(i for i in step1 if i not in step0)  # a case that step 1 (and not step 0) trains on
+    image[bad, 0, 0, 0, 0] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"pretraining profound_conv/fcmae: non-finite .* at step 1 "):
+        pretrain(cfg, data, "/nonexistent/never-written", progress=False)

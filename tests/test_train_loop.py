@@ -12,7 +12,9 @@ import pytest
 from train_toy import make_data
 from vfm_align.config_file import load_config
 from vfm_align.train.checkpoint import RunCheckpoints
-from vfm_align.train.loop import TrainingDiverged, batch_indices, fit
+from vfm_align.train.data import batch_indices
+from vfm_align.train.loop import TrainingDiverged, fit
+from vfm_align.train.monitor import align_probe
 from vfm_align.train.recipes import base_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -58,6 +60,34 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert full["align"][0]["align/pooled/drift_cos"] > 0
     lines = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
     assert {x["split"] for x in lines} == {"train", "val", "align"}
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 fake CPU devices set by conftest")
+def test_alignment_on_a_mesh_larger_than_the_probe_set(tmp_path):
+    """3 probe cases on 8 devices: the probe set is padded to the device count and the padding's features
+    dropped, so the scores are those of the same probe cases on one device."""
+    data = make_data("classification", n_train=8, n_val=4, seed=3)
+    out = {}
+    for layout in ((1, 1), (8, 1)):
+        c = _cfg("provicnet", "classification", tmp_path / str(layout), steps=1, batch_size=8, ckpt_every=1,
+                 eval_every=1, log_every=1)
+        c.mesh.data, c.mesh.fsdp = layout
+        c.align.update(every=1, probe_cases=3, num_features=64)
+        c.optim.warmup_steps = 0  # so the one step moves the backbone
+        out[layout] = fit(c, data, progress=False)["align"][0]
+    assert out[(1, 1)]["align/patch/drift_cos"] > 0
+    for k, v in out[(1, 1)].items():
+        assert out[(8, 1)][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_align_probe_pads_to_the_device_count():
+    images = np.arange(5)[:, None] * np.ones((5, 2))
+    probe, n = align_probe(images, 3, 8)
+    assert n == 3 and len(probe) == 8 and (probe[3:] == images[2]).all() and (probe[:3] == images[:3]).all()
+    probe, n = align_probe(images, 0, 4)  # 0: every validation case
+    assert n == 5 and len(probe) == 8
+    probe, n = align_probe(images, 4, 2)
+    assert n == 4 and (probe == images[:4]).all()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -233,7 +233,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_step():
     from vfm_align.train.optim import make_optimizer
     from vfm_align.train.recipes import base_config
     from vfm_align.train.state import create_state
-    from vfm_align.train.step import jit_train_step, make_train_step, task_loss
+    from vfm_align.train.step import jit_train_step, make_train_step, task_objective
 
     cfg = base_config("provicnet", "segmentation", "tiny")
     cfg.optim.warmup_steps = 0
@@ -245,8 +245,8 @@ def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_step():
     batch = M.global_batch(data, mesh)
     out = {}
     for dt in (jnp.float32, jnp.bfloat16):
-        step = jit_train_step(make_train_step(gdef, task_loss("dense", get_task("segmentation").loss), tx, kind="dense",
-                                              seed=0, augment=False, compute_dtype=dt), sh, mesh)
+        objective = task_objective("dense", get_task("segmentation").loss, augment=False, compute_dtype=dt)
+        step = jit_train_step(make_train_step(gdef, objective, tx, seed=0, compute_dtype=dt), sh, mesh)
         new, m = step(jax.device_put(init, sh), batch)
         out[dt] = (float(m["loss"]), jax.device_get(new["params"]))
     (l32, p32), (l16, p16) = out[jnp.float32], out[jnp.bfloat16]

@@ -7,11 +7,12 @@ import pytest
 from train_toy import make_task
 from vfm_align.data.tasks import get_task
 from vfm_align.train import mesh as M
-from vfm_align.train.loop import batch_indices, build_task_model
+from vfm_align.train.data import batch_indices
+from vfm_align.train.loop import build_task_model
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import abstract_state, create_state
-from vfm_align.train.step import jit_train_step, make_train_step, task_loss
+from vfm_align.train.step import jit_train_step, make_train_step, task_objective
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 fake CPU devices set by conftest")
 
@@ -30,7 +31,7 @@ def _run(cfg, data, state_host, layout, steps=2):
         gdef, _, _, sh, tx = abstract_state(build, make_tx, mesh, min_size=MIN_SIZE)
         state = jax.device_put(state_host, sh)
     init = jax.device_get(state)
-    step = jit_train_step(make_train_step(gdef, task_loss(kind, loss), tx, kind=kind, seed=3), sh, mesh)
+    step = jit_train_step(make_train_step(gdef, task_objective(kind, loss), tx, seed=3), sh, mesh)
     losses = []
     for i in range(steps):
         idx = batch_indices(len(data["image"]), 8, i, seed=0)

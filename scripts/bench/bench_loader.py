@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         from vfm_align.train.optim import make_optimizer
         from vfm_align.train.recipes import base_config
         from vfm_align.train.state import create_state
-        from vfm_align.train.step import jit_train_step, make_train_step, task_loss
+        from vfm_align.train.step import jit_train_step, make_train_step, task_objective
 
         cfg = base_config(args.recipe, args.task, "tiny")
         crop = tuple(cfg.data.shape)
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
         gdef, _, state, sh, tx = create_state(lambda: build_task_model(cfg, crop + (3,)),
                                               lambda p: make_optimizer(cfg.optim, p, 1000)[0], mesh,
                                               min_size=int(cfg.mesh.fsdp_min_size))
-        step = jit_train_step(make_train_step(gdef, task_loss(task.head, task.loss), tx, kind=task.head, seed=0),
-                              sh, mesh)
+        step = jit_train_step(make_train_step(gdef, task_objective(task.head, task.loss), tx, seed=0), sh, mesh)
 
         def fed_loader(epoch):
             return Loader(cases, cache, task, batch_size=args.batch, seed=0, train=True, augment_cfg=AugmentConfig(),

@@ -26,7 +26,7 @@ from vfm_align.train.monitor import AlignmentMonitor
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import create_state
-from vfm_align.train.step import jit_train_step, make_feature_step, make_train_step, task_loss
+from vfm_align.train.step import jit_train_step, make_feature_step, make_train_step, task_objective
 import machine
 
 
@@ -47,7 +47,7 @@ def bench(backbone, task, variant, reps):
     gdef, gdef_eval, state, sh, tx = create_state(lambda: build_task_model(cfg, shape),
                                                   lambda p: make_optimizer(cfg.optim, p, 1000)[0], mesh,
                                                   min_size=int(cfg.mesh.fsdp_min_size))
-    step = jit_train_step(make_train_step(gdef, task_loss(kind, loss), tx, kind=kind, seed=0), sh, mesh)
+    step = jit_train_step(make_train_step(gdef, task_objective(kind, loss), tx, seed=0), sh, mesh)
     batch = M.global_batch({"image": x, "target": y}, mesh)
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()

@@ -26,10 +26,6 @@ from vfm_align.errors import ConfigError
 from vfm_align.models.heads.restoration import RestorationDecoder
 
 
-def task_kind(task: str) -> str:  # TODO(merge): old name, remove after engine merge (use get_task(task).head)
-    return get_task(task).head
-
-
 def window_index(depth: int, window: int) -> jnp.ndarray:
     """(D, window) slice indices: window centred on j, shifted inward at the edges."""
     if depth < window:

@@ -32,7 +32,6 @@ from vfm_align.train.recipes import BACKBONES
 
 # The saved (and fine-tuned) backbone's arch.
 ARCHS = {name: b.arch for name, b in BACKBONES.items()}
-FAMILIES = {name: b.family for name, b in BACKBONES.items()}  # TODO(merge): old name, remove after engine merge
 # What pretraining trains, where that is more than the backbone (the FCMAE wraps the encoder with its decoder).
 PRETRAIN_ARCHS = {"profound_conv": "profound_fcmae"}
 # Backbones whose features() already hold a dense (N, d, h, w, F) map: the one fine-tuning heads read as patch_map.

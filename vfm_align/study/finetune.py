@@ -1,108 +1,161 @@
-"""One fine-tuning run of the study: (backbone weights, task) -> learning and alignment curves.
+"""The study's fine-tuning runs: one (backbone, task) from several initial weights and seeds, trained together.
 
-Uses the training engine as is (TaskModel, optimizer recipe, born-sharded state, jitted steps)
-and the in-loop AlignmentMonitor, which banks the starting backbone's features on a fixed probe
-set and scores MMD^2 / CKA / drift at every evaluation. Jitted functions are cached per
-(backbone, task) shape so the pretrained and the random-init run share one compilation.
+Runs of one (backbone, task) share every shape, so they train as one stacked, ``jax.vmap``-ed step
+of the training engine (:func:`vfm_align.train.step.make_stacked_step`) through its loop
+(:func:`vfm_align.train.loop.train_loop`): the pretrained and the random-init run of each seed, and
+every seed. Each run keeps its own batches, random streams, alignment monitor (which banks the
+run's starting backbone features on a fixed probe set and scores MMD^2 / CKA / drift at every
+evaluation) and stop state: a run that diverges is frozen at its last good weights, marked with
+the step, and the others go on. Each run's numbers equal those of the run trained alone, to
+float32 rounding.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from vfm_align.errors import Stopped
 from vfm_align.models.task_model import TaskModel
+from vfm_align.data.tasks import get_task
 from vfm_align.study import taskdata
-from vfm_align.study.backbones import FAMILIES, GridFeatures, fresh_backbone
+from vfm_align.study.backbones import GridFeatures, fresh_backbone
+from vfm_align.train.recipes import BACKBONES
+from vfm_align.train.data import DrawnBatches
+from vfm_align.train.loop import Hook, train_loop
 from vfm_align.train.mesh import global_batch
-from vfm_align.train.monitor import AlignmentMonitor
+from vfm_align.train.monitor import AlignmentMonitor, align_probe
 from vfm_align.train.optim import make_optimizer
-from vfm_align.train.state import create_state, with_backbone
-from vfm_align.train.step import jit_train_step, make_eval_step, make_feature_step, make_train_step, task_loss
-
-_CACHE: dict = {}
-_CACHE_LOCK = threading.Lock()
-_KEY_LOCKS: dict = {}
+from vfm_align.train.state import abstract_state, create_state, with_backbone
+from vfm_align.train.step import (jit_train_step, make_eval_step, make_feature_step, make_stacked_step,
+                                  stack_states, stacked_batch_sharding, stacked_shardings, task_objective)
 
 
-def _build_cached(build, spec, cfg, steps: int, seed: int, mesh):
-    """Sharded initial state (kept on the host) and the jitted train / eval / feature steps of one run shape."""
-    gdef_t, gdef_e, state, sh, tx = create_state(build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
-    train = jit_train_step(make_train_step(gdef_t, task_loss(spec.kind, spec.loss), tx, kind=spec.kind,
-                                           seed=seed, augment=bool(cfg.augment)), sh, mesh)
-    return (sh, jax.device_get(state), train, make_eval_step(gdef_e, sh, mesh),
-            make_feature_step(gdef_e, sh, mesh, tuple(cfg.sites)))
+@dataclass(frozen=True)
+class Run:
+    """One fine-tune of a group: its starting backbone (None: random initialisation) and its seed."""
+
+    pretrained: nnx.Module | None
+    seed: int
 
 
-def build_task_model(family: str, backbone: nnx.Module, task: str, input_shape, cfg, seed: int) -> TaskModel:
-    spec = taskdata.get_spec(task)
-    return TaskModel(GridFeatures(backbone, family), task=task, family=FAMILIES[family], input_shape=input_shape,
-                     num_outputs=spec.num_outputs, head_hidden=int(cfg.head_hidden), feature_site="patch_map",
+class _LRU:
+    """The last few compiled step sets (or initial states), by run shape: bounded, as a process may run many."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            if key not in self.items:
+                self.items[key] = make()
+                while len(self.items) > self.size:
+                    self.items.popitem(last=False)
+            self.items.move_to_end(key)
+            return self.items[key]
+
+
+_COMPILED = _LRU()
+_INITIAL = _LRU(8)
+
+
+def grid_task_model(name: str, backbone: nnx.Module, task: str, input_shape, cfg, seed: int) -> TaskModel:
+    """The study's TaskModel: a backbone with its dense ``patch_map`` (GridFeatures) and the task head."""
+    return TaskModel(GridFeatures(backbone, name), task=task, family=BACKBONES[name].family, input_shape=input_shape,
+                     num_outputs=get_task(task).num_outputs, head_hidden=int(cfg.head_hidden), feature_site="patch_map",
                      slice_channel=int(cfg.slice_channel), slice_window=int(cfg.slice_window),
                      rngs=nnx.Rngs(seed))
 
 
-def run_finetune(family: str, config, pretrained: nnx.Module | None, task: str, data: dict, probe: np.ndarray, cfg,
-                 mesh, *, seed: int, desc: str = "", progress: bool = True, stop: threading.Event | None = None) -> dict:
-    """Fine-tune a ``family`` backbone of ``config`` on ``task``, from ``pretrained`` weights or (None) from a
-    random initialisation; returns metric and alignment curves (plain Python values). Safe to call from
-    several threads at once; ``stop``, when set, ends the run at its next step with :class:`Stopped`."""
-    spec = taskdata.get_spec(task, seed)
+def _steps(build, spec, cfg, steps: int, mesh, keep: int):
+    """The stacked train / eval / feature steps of one run shape, and one run's shardings."""
+    gdef_t, gdef_e, _, sh, tx = abstract_state(build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
+    objective = task_objective(spec.head, spec.loss, augment=bool(cfg.augment))
+    train = jit_train_step(make_stacked_step(gdef_t, objective, tx), sh, mesh, stacked=True)
+    return (sh, train, make_eval_step(gdef_e, sh, mesh, stacked=True),
+            make_feature_step(gdef_e, sh, mesh, tuple(cfg.sites), keep=keep, stacked=True))
+
+
+def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict, probe: np.ndarray, cfg, mesh, *,
+                  desc: str = "", progress: bool = True, stop: threading.Event | None = None) -> list[dict]:
+    """Fine-tune a ``backbone`` (profound_conv, profound_mae, provicnet) of ``config`` on ``task`` once per :class:`Run`, all in one stacked step.
+
+    Returns, per run, its metric and alignment curves (plain Python values), the paired probe features
+    before and after (for the permutation test) and ``diverged_step`` (None, or the first step whose loss
+    or gradient was not finite; the run's curves end at its last evaluation before it). ``stop``, when
+    set, ends the runs at their next step with :class:`~vfm_align.errors.Stopped`.
+    """
+    spec = get_task(task, seed=runs[0].seed)
     input_shape = data["train"]["image"].shape[1:]
     steps = int(cfg.steps)
-    build = lambda: build_task_model(family, fresh_backbone(family, config, seed + 1), task, input_shape, cfg, seed)  # noqa: E731
-    # One compile per head, loss and shapes, shared by the pretrained and random-init runs (and by a resumed study);
-    # the random initial state is kept on the host too, so the second run of a pair does not compile its init.
-    key = (family, config, spec.kind, spec.loss, spec.num_outputs, input_shape, steps, seed, bool(cfg.augment),
-           int(cfg.head_hidden), int(cfg.slice_channel), int(cfg.slice_window), cfg.optim.to_json(sort_keys=True), tuple(mesh.shape.items()),
-           tuple(d.id for d in mesh.devices.flat))
-    with _CACHE_LOCK:
-        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-    with key_lock:  # concurrent runs of one shape build its initial state and jitted steps once
-        if key not in _CACHE:
-            _CACHE[key] = _build_cached(build, spec, cfg, steps, seed, mesh)
-    sh, initial, train_step, eval_step, feature_step = _CACHE[key]
-    state = jax.device_put(initial, sh)  # a fresh copy: the train step donates its input
-    if pretrained is not None:
-        state = with_backbone(state, GridFeatures(pretrained, family), sh)
-    monitor = AlignmentMonitor(feature_step, global_batch({"x": probe}, mesh)["x"], tuple(cfg.sites),
-                               num_features=int(cfg.rff_features), max_rows=int(cfg.max_rows), seed=seed)
-    monitor.bank(state)
+    seeds = [r.seed for r in runs]
+
+    def build_for(seed):
+        return lambda: grid_task_model(backbone, fresh_backbone(backbone, config, seed + 1), task, input_shape, cfg, seed)
+
+    probe, n_probe = align_probe(probe, len(probe), mesh.size)
+    key = (backbone, config, spec.head, spec.loss, spec.num_outputs, input_shape, steps, bool(cfg.augment),
+           int(cfg.head_hidden), int(cfg.slice_channel), int(cfg.slice_window), tuple(cfg.sites), n_probe,
+           cfg.optim.to_json(sort_keys=True), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    sh, train_step, eval_step, feature_step = _COMPILED.get(
+        key, lambda: _steps(build_for(seeds[0]), spec, cfg, steps, mesh, n_probe))
+
+    make_tx = lambda p: make_optimizer(cfg.optim, p, steps)[0]  # noqa: E731
+    states = []
+    for r in runs:  # the random initial state of a seed is built once and kept on the host (a pair shares it)
+        initial = _INITIAL.get((key, r.seed), lambda: jax.device_get(create_state(build_for(r.seed), make_tx, mesh)[2]))
+        state = jax.device_put(initial, sh)  # each run its own copy: the step donates its input
+        if r.pretrained is not None:
+            state = with_backbone(state, GridFeatures(r.pretrained, backbone), sh)
+        states.append(state)
+    state = jax.device_put(stack_states(states, seeds), stacked_shardings(sh, mesh))
+    del states
+
+    probe_x = global_batch({"x": probe}, mesh)["x"]
+    monitors = [AlignmentMonitor(None, None, tuple(cfg.sites), num_features=int(cfg.rff_features),
+                                 max_rows=int(cfg.max_rows), seed=s) for s in seeds]
+
+    def run_features(state):
+        feats = feature_step(state, probe_x)
+        return [{s: f[i] for s, f in feats.items()} for i in range(len(runs))]
+
+    for m, f in zip(monitors, run_features(state)):
+        m.bank_features(f)  # each run's starting backbone
     val_x = global_batch({"x": data["val"]["image"]}, mesh)["x"]
+    curves = [{"step": [], "metric": [], "loss": []} for _ in runs]
 
-    def evaluate(state):
-        return taskdata.evaluate(task, np.asarray(jax.device_get(eval_step(state, val_x))), data["val"], seed=seed)
+    def record(done, state, loop):
+        outs = np.asarray(jax.device_get(eval_step(state, val_x)))
+        for i, (feats, c) in enumerate(zip(run_features(state), curves)):
+            if i in loop.diverged:
+                continue
+            c["step"].append(done)
+            c["loss"].append(float(loop.metrics[done - 1]["loss"][i]) if done else float("nan"))
+            c["metric"].append(taskdata.evaluate(task, outs[i], data["val"], seed=seeds[i]))
+            for k, v in monitors[i].score_features(feats).items():
+                c.setdefault(k, []).append(v)
 
-    rng = np.random.default_rng(seed)
-    n, bs = len(data["train"]["image"]), int(cfg.batch_size)
+    draws = {s: DrawnBatches(data["train"], int(cfg.batch_size), s) for s in dict.fromkeys(seeds)}
+    bsh = stacked_batch_sharding(mesh)
+
+    def batch(step):
+        drawn = {s: d.next() for s, d in draws.items()}
+        return jax.device_put({k: np.stack([drawn[s][k] for s in seeds]) for k in ("image", "target")}, bsh)
+
     every = max(1, int(cfg.eval_every))
-    curve = {"step": [0], "metric": [evaluate(state)], "loss": [float("nan")]}
-    for k, v in monitor(state).items():
-        curve.setdefault(k, []).append(v)
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
-    for i in bar:
-        if stop is not None and stop.is_set():
-            bar.close()
-            raise Stopped(desc)
-        idx = rng.choice(n, bs, replace=n < bs)
-        batch = global_batch({"image": data["train"]["image"][idx], "target": data["train"]["target"][idx]}, mesh)
-        state, m = train_step(state, batch)
-        if i % every == 0 or i == steps:
-            curve["step"].append(i)
-            curve["loss"].append(float(m["loss"]))
-            curve["metric"].append(evaluate(state))
-            for k, v in monitor(state).items():
-                curve[k].append(v)
-            bar.set_postfix(metric=f"{curve['metric'][-1]:.3f}")
-    # Paired features before/after for the permutation test (pre = banked, post = final).
-    post = monitor._rows(monitor.feature_fn(state, monitor.probe))
-    pairs = {s: (np.asarray(monitor.pre[s]), np.asarray(post[s])) for s in monitor.sites}
-    return {"curve": curve, "final_metric": curve["metric"][-1], "metric_name": spec.metric, "pairs": pairs}
+    loop = train_loop(train_step, state, batch, total=steps, hooks=[Hook(every, record, at_start=True)],
+                      log_every=every, stop=stop, stacked=True, desc=desc, progress=progress, leave=False)
+    out = []
+    for i, (m, feats, c) in enumerate(zip(monitors, run_features(loop.state), curves)):
+        post = m.rows(feats)  # paired features before/after for the permutation test (pre = banked)
+        out.append({"curve": c, "final_metric": c["metric"][-1], "metric_name": spec.primary,
+                    "diverged_step": loop.diverged.get(i),
+                    "pairs": {s: (np.asarray(m.pre[s]), np.asarray(post[s])) for s in m.sites}})
+    return out
 
 
 def steps_to_fraction(steps, metric, fraction: float = 0.9) -> int:

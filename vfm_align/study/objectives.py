@@ -24,7 +24,6 @@ from vfm_align.study.pairs import info_nce, pair_loss, sample_pairs
 OBJECTIVES = ("mae", "contrastive", "fcmae")
 # The backbone each objective trains (it calls that backbone's pretraining model).
 OBJECTIVE_BACKBONES = {"mae": "profound_mae", "contrastive": "provicnet", "fcmae": "profound_conv"}
-OBJECTIVE_FAMILIES = OBJECTIVE_BACKBONES  # TODO(merge): old name, remove after engine merge
 
 
 def mae_loss(cfg):

@@ -1,9 +1,10 @@
 """Pretraining a backbone with one objective on the project's training engine, then saving it.
 
-The step is the engine's functional form (``vfm_align.train.state`` split, jit with explicit
-shardings and donation, per-step rng ``fold_in(seed, step)``); only the loss differs from
-fine-tuning. The result is a model directory that :func:`vfm_align.load` restores: the backbone of
-the family (for ``profound_conv`` the FCMAE is trained and only its ConvNeXt-V2 encoder is saved).
+Training runs on the project's engine (``vfm_align.train``: the jitted step with the
+objective of :mod:`vfm_align.study.objectives` in place of a task loss, and the loop with its NaN
+stop and stop flag); only the objective differs from fine-tuning. The result is a model directory
+that :func:`vfm_align.load` restores: the backbone (for ``profound_conv`` the FCMAE is
+trained and only its ConvNeXt-V2 encoder is saved).
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import os
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
-from vfm_align.errors import ConfigError, Stopped
+from vfm_align.errors import ConfigError
 from vfm_align.model_io import read_sidecar, save_model
 from vfm_align.study.backbones import ARCHS, PRETRAIN_ARCHS, backbone_config, pretraining_model, saved_backbone
-from vfm_align.study.objectives import OBJECTIVE_FAMILIES, make_objective
+from vfm_align.study.objectives import OBJECTIVE_BACKBONES, make_objective
+from vfm_align.train.data import DrawnBatches
+from vfm_align.train.loop import TrainingDiverged, diverged_message, train_loop
 from vfm_align.train.mesh import global_batch, make_mesh
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.state import create_state
+from vfm_align.train.step import jit_train_step, make_train_step
 
 
 def study_mesh(cfg):
@@ -30,24 +32,6 @@ def study_mesh(cfg):
     devs = jax.devices()
     n = int(cfg.devices) or len(devs)
     return make_mesh(int(cfg.data), int(cfg.fsdp), devices=devs[:n])
-
-
-def _step_fn(gdef, objective, tx, seed):
-    def step(state, batch):
-        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-
-        def f(params):
-            model = nnx.merge(gdef, params, state["rest"])
-            loss, metrics = objective(model, batch, rng)
-            return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
-        (loss, (metrics, rest)), grads = jax.value_and_grad(f, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return ({"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1},
-                {"loss": loss, **metrics})
-
-    return step
 
 
 def pretrain(cfg, data: dict[str, np.ndarray], out_dir: str, *, progress: bool = True, stop=None) -> dict:
@@ -69,43 +53,40 @@ def run_pretraining(cfg, data: dict[str, np.ndarray], *, progress: bool = True, 
     The model is what the objective trains (for ``profound_conv`` the whole FCMAE, decoder included).
     ``stop``, when set (another run failed, or the study was interrupted), ends it early with ``Stopped``.
     """
-    family = cfg.backbone
-    if OBJECTIVE_FAMILIES.get(cfg.objective, family) != family:
-        raise ConfigError(f"objective '{cfg.objective}' trains a '{OBJECTIVE_FAMILIES[cfg.objective]}' backbone, "
-                          f"not '{family}'")
-    config = backbone_config(family, cfg.model, tuple(data["image"].shape[1:4]))
+    backbone = cfg.backbone
+    if OBJECTIVE_BACKBONES.get(cfg.objective, backbone) != backbone:
+        raise ConfigError(f"objective '{cfg.objective}' trains a '{OBJECTIVE_BACKBONES[cfg.objective]}' backbone, "
+                          f"not '{backbone}'")
+    config = backbone_config(backbone, cfg.model, tuple(data["image"].shape[1:4]))
     mesh = study_mesh(cfg.mesh)
     steps = int(cfg.steps)
-    gdef, _, state, sh, tx = create_state(lambda: pretraining_model(family, config, int(cfg.seed)),
+    gdef, _, state, sh, tx = create_state(lambda: pretraining_model(backbone, config, int(cfg.seed)),
                                           lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
-    from vfm_align.train.mesh import batch_sharding
-
-    step = jax.jit(_step_fn(gdef, make_objective(cfg.objective, cfg.objective_args), tx, int(cfg.seed)),
-                   in_shardings=(sh, batch_sharding(mesh)), out_shardings=(sh, None), donate_argnums=0)
-    rng = np.random.default_rng(int(cfg.seed))
-    bs = int(cfg.batch_size)
-    n = len(data["image"])
+    objective = make_objective(cfg.objective, cfg.objective_args)
+    step = jit_train_step(make_train_step(gdef, objective, tx, seed=int(cfg.seed)), sh, mesh)
+    draws = DrawnBatches(data, int(cfg.batch_size), int(cfg.seed), keys=("image", "cancer"))
+    every = max(1, steps // 20)
     curve = []
-    bar = tqdm(range(steps), desc=f"pretrain {family}/{cfg.objective}", disable=not progress, leave=False)
-    for i in bar:
-        if stop is not None and stop.is_set():
-            bar.close()
-            raise Stopped(f"pretraining {family}/{cfg.objective}")
-        idx = rng.choice(n, bs, replace=n < bs)
-        batch = global_batch({"image": data["image"][idx], "cancer": data["cancer"][idx]}, mesh)
-        state, metrics = step(state, batch)
-        if i % max(1, steps // 20) == 0 or i == steps - 1:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            curve.append({"step": i + 1, **m})
-            bar.set_postfix(loss=f"{m['loss']:.4f}")
+    name = f"pretraining {backbone}/{cfg.objective}"
+
+    def record(s, m):  # the curve keeps every ``every``-th step from the first, and the last
+        if s % every == 0 or s == steps - 1:
+            curve.append({"step": s + 1, **m})
+
+    def diverged(s, m):
+        raise TrainingDiverged(f"{name}: {diverged_message(s, m)}; stopped (nothing was saved)", step=s)
+
+    loop = train_loop(step, state, lambda s: global_batch(draws.next(), mesh), total=steps, log_every=every,
+                      on_metrics=record, on_diverged=diverged, stop=stop, desc=name, progress=progress, leave=False)
+    state = loop.state
     model = nnx.merge(gdef, state["params"], state["rest"])
     model.eval()
     info = {"objective": cfg.objective, "steps": steps, "curve": curve,
-            "trained_arch": PRETRAIN_ARCHS.get(family, ARCHS[family]), "config": cfg.to_dict()}
+            "trained_arch": PRETRAIN_ARCHS.get(backbone, ARCHS[backbone]), "config": cfg.to_dict()}
     return model, config, info
 
 
-def save_pretrained(family: str, model: nnx.Module, config, out_dir: str, info: dict) -> str:
-    """Save the family's backbone part of a trained pretraining model (arch ``ARCHS[family]``) to ``out_dir``."""
-    backbone, backbone_cfg = saved_backbone(family, model, config)
-    return save_model(backbone, ARCHS[family], backbone_cfg, out_dir, extra={"pretraining": info})
+def save_pretrained(backbone: str, model: nnx.Module, config, out_dir: str, info: dict) -> str:
+    """Save the backbone part of a trained pretraining model (arch ``ARCHS[backbone]``) to ``out_dir``."""
+    module, module_cfg = saved_backbone(backbone, model, config)
+    return save_model(module, ARCHS[backbone], module_cfg, out_dir, extra={"pretraining": info})

@@ -3,9 +3,12 @@
 For each pair it records the final metric, the relative gain over the random-init baseline trained
 with the same budget, the steps to 90 % of the final improvement (convergence), and the in-loop
 alignment curves (MMD^2, CKA, drift) per feature site; then it correlates alignment with gain and
-with convergence across pairs. Each (backbone, task, init) result is written atomically to
-``runs/`` as it completes, so an interrupted study resumes where it stopped. ``cfg.workers`` fine-tunes
-run at a time, in threads; the results do not depend on it.
+with convergence across pairs. Each (backbone, task) pair is fine-tuned from both initialisations and
+``cfg.finetune.seeds`` seeds (seed, seed + 1, ...) as stacked runs: groups of ``cfg.finetune.stack``
+runs (0, the default: all of the pair's) train as one compiled step. Each (backbone, task, init, seed)
+result is written atomically to ``runs/`` as its group completes, so an interrupted study resumes
+where it stopped. ``cfg.workers`` groups (and pretrainings) run at a time, in threads; the results do
+not depend on it, nor on the grouping beyond float32 rounding.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from rich.console import Console
 from vfm_align import model_io
 from vfm_align.atomic import write_json
 from vfm_align.errors import ConfigError, Stopped
+from vfm_align.data.tasks import get_task
 from vfm_align.study import taskdata
 from vfm_align.models.registry import config_from_dict
-from vfm_align.study.finetune import run_finetune, steps_to_fraction
+from vfm_align.study.finetune import Run, run_finetunes, steps_to_fraction
 from vfm_align.align.permutation import mmd_test
 from vfm_align.study.pretrain import pretrain, study_mesh
 from vfm_align.study.stats import correlate
+from vfm_align.train.recipes import BACKBONES
 
 INITS = ("pretrained", "random")
 
@@ -63,8 +68,21 @@ def _backbone_dirs(cfg, cohort, out_dir, console, progress) -> dict:
     return dirs
 
 
-def run_key(backbone: str, task: str, init: str) -> str:
-    return f"{backbone}__{task}__{init}"
+def run_key(backbone: str, task: str, init: str, seed: int | None = None) -> str:
+    """The run's file name: ``backbone__task__init``, with ``__seed<k>`` for seeds after the study's first."""
+    return f"{backbone}__{task}__{init}" + ("" if seed is None else f"__seed{seed}")
+
+
+def finetune_seeds(cfg) -> list[int]:
+    """The fine-tuning seeds of every (backbone, task, init): ``cfg.seed`` and the next ``finetune.seeds - 1``."""
+    n = int(cfg.finetune.get("seeds", 1))
+    if n < 1:
+        raise ConfigError(f"finetune.seeds must be at least 1, got {n}")
+    return [int(cfg.seed) + k for k in range(n)]
+
+
+def _seed_key(cfg, seed: int) -> int | None:
+    return None if seed == int(cfg.seed) else seed
 
 
 def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
@@ -75,41 +93,55 @@ def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         fh.write(cfg.to_json_best_effort(indent=1))
     for t in cfg.tasks:
-        taskdata.get_spec(t)
+        get_task(t)  # an unknown task fails before any work
     names = [b.name for b in cfg.backbones]
     if len(set(names)) != len(names):
         raise ConfigError(f"backbone names must be unique, got {names}")
+    seeds = finetune_seeds(cfg)
     cohort = prepare_cohort(cfg, out_dir)
     dirs = _backbone_dirs(cfg, cohort, out_dir, console, progress)
     mesh = study_mesh(cfg.mesh)
     probe_idx = np.arange(min(int(cfg.finetune.probe_cases), len(cohort["image"])))
     probe = cohort["image"][probe_idx]
     task_data = {t: taskdata.make_task_data(cohort, t, seed=int(cfg.seed)) for t in cfg.tasks}
-    todo = [(b, t, i) for b in cfg.backbones for t in cfg.tasks for i in INITS]
+    pairs = [(b, t) for b in cfg.backbones for t in cfg.tasks]
     jobs = []
-    for k, (b, t, init) in enumerate(todo, 1):
-        path = os.path.join(out_dir, "runs", run_key(b.name, t, init) + ".json")
-        if os.path.exists(path):
-            console.log(f"[{k}/{len(todo)}] {b.name} / {t} / {init}: done earlier, skipped")
+    for k, (b, t) in enumerate(pairs, 1):
+        label = f"[{k}/{len(pairs)}]"
+        todo = []
+        for seed in seeds:
+            for init in INITS:
+                path = os.path.join(out_dir, "runs", run_key(b.name, t, init, _seed_key(cfg, seed)) + ".json")
+                if not os.path.exists(path):
+                    todo.append((init, seed, path))
+        if todo:
+            size = int(cfg.finetune.get("stack", 0)) or len(todo)  # runs per compiled step (0: the whole pair)
+            jobs += [(label, b, t, todo[i:i + size]) for i in range(0, len(todo), size)]
         else:
-            jobs.append((f"[{k}/{len(todo)}]", b, t, init, path))
+            console.log(f"{label} {b.name} / {t}: done earlier, skipped")
 
-    def run_one(label, b, t, init, path, stop):
+    def run_group(label, b, t, todo, stop):
         meta = model_io.read_sidecar(dirs[b.name])
         config = config_from_dict(meta["arch"], meta["config"])
-        pretrained = model_io.load(dirs[b.name]) if init == "pretrained" else None  # each run its own copy
-        res = run_finetune(b.family, config, pretrained, t, task_data[t], probe, cfg.finetune, mesh,
-                           seed=int(cfg.seed), desc=f"{label} {b.name}/{t}/{init}", progress=progress, stop=stop)
-        tests = {}
-        for s, (x, y) in res.pop("pairs").items():  # same inputs before/after: swap within pairs
-            r = mmd_test(x, y, int(cfg.num_permutations), paired=True, num_features=int(cfg.finetune.rff_features),
-                         seed=int(cfg.seed))
-            tests[s] = {"statistic": float(r.statistic), "p_value": float(r.p_value),
-                        "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0])}
-        write_json(path, {"backbone": b.name, "family": b.family, "task": t, "init": init, "tests": tests, **res})
-        console.log(f"{label} {b.name} / {t} / {init}: {res['metric_name']} {res['final_metric']:.4f}")
+        pretrained = model_io.load(dirs[b.name]) if any(i == "pretrained" for i, _, _ in todo) else None
+        runs = [Run(pretrained if init == "pretrained" else None, seed) for init, seed, _ in todo]
+        results = run_finetunes(b.backbone, config, runs, t, task_data[t], probe, cfg.finetune, mesh,
+                                desc=f"{label} {b.name}/{t} x{len(runs)}", progress=progress, stop=stop)
+        for (init, seed, path), res in zip(todo, results):
+            tests = {}
+            for s, (x, y) in res.pop("pairs").items():  # same inputs before/after: swap within pairs
+                r = mmd_test(x, y, int(cfg.num_permutations), paired=True,
+                             num_features=int(cfg.finetune.rff_features), seed=int(cfg.seed))
+                tests[s] = {"statistic": float(r.statistic), "p_value": float(r.p_value),
+                            "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0])}
+            write_json(path, {"backbone": b.name, "model": b.backbone, "family": BACKBONES[b.backbone].family,
+                              "task": t, "init": init, "seed": seed,
+                              "tests": tests, **res})
+            note = "" if res["diverged_step"] is None else f" (diverged at step {res['diverged_step']})"
+            console.log(f"{label} {b.name} / {t} / {init} / seed {seed}: {res['metric_name']} "
+                        f"{res['final_metric']:.4f}{note}")
 
-    run_concurrently(run_one, jobs, int(cfg.get("workers", 1)))
+    run_concurrently(run_group, jobs, int(cfg.get("workers", 1)))
     results = summarise(cfg, out_dir)
     from vfm_align.study.report import write_report
 
@@ -151,29 +183,41 @@ def run_concurrently(fn, jobs, workers: int) -> None:
     ex.shutdown(wait=True)
 
 
+def _pair_row(cfg, b, t, pre, rnd) -> dict:
+    c = pre["curve"]
+    row = {"backbone": b.name, "task": t, "metric": pre["metric_name"],
+           "final_pretrained": pre["final_metric"], "final_random": rnd["final_metric"],
+           "gain": relative_gain(pre["final_metric"], rnd["final_metric"], float(cfg.gain_floor)),
+           "convergence_steps": steps_to_fraction(c["step"], c["metric"]),
+           "convergence_steps_random": steps_to_fraction(rnd["curve"]["step"], rnd["curve"]["metric"])}
+    for s in cfg.finetune.sites:
+        row[f"mmd2_{s}"] = c[f"align/{s}/mmd2"][-1]
+        row[f"cka_{s}"] = c[f"align/{s}/cka"][-1]
+        row[f"p_value_{s}"] = pre["tests"][s]["p_value"]
+    return row
+
+
 def summarise(cfg, out_dir: str) -> dict:
-    """Per-pair table and cross-pair correlations from the saved runs."""
+    """Per-pair table (the mean over seeds where there are several) and cross-pair correlations from the saved runs."""
     runs = {}
+    seeds = finetune_seeds(cfg)
     for b in cfg.backbones:
         for t in cfg.tasks:
             for init in INITS:
-                with open(os.path.join(out_dir, "runs", run_key(b.name, t, init) + ".json")) as fh:
-                    runs[(b.name, t, init)] = json.load(fh)
+                for seed in seeds:
+                    key = run_key(b.name, t, init, _seed_key(cfg, seed))
+                    with open(os.path.join(out_dir, "runs", key + ".json")) as fh:
+                        runs[key] = json.load(fh)
     site = cfg.primary_site
     pairs = []
     for b in cfg.backbones:
         for t in cfg.tasks:
-            pre, rnd = runs[(b.name, t, "pretrained")], runs[(b.name, t, "random")]
-            c = pre["curve"]
-            row = {"backbone": b.name, "task": t, "metric": pre["metric_name"],
-                   "final_pretrained": pre["final_metric"], "final_random": rnd["final_metric"],
-                   "gain": relative_gain(pre["final_metric"], rnd["final_metric"], float(cfg.gain_floor)),
-                   "convergence_steps": steps_to_fraction(c["step"], c["metric"]),
-                   "convergence_steps_random": steps_to_fraction(rnd["curve"]["step"], rnd["curve"]["metric"])}
-            for s in cfg.finetune.sites:
-                row[f"mmd2_{s}"] = c[f"align/{s}/mmd2"][-1]
-                row[f"cka_{s}"] = c[f"align/{s}/cka"][-1]
-                row[f"p_value_{s}"] = pre["tests"][s]["p_value"]
+            rows = [_pair_row(cfg, b, t, runs[run_key(b.name, t, "pretrained", _seed_key(cfg, s))],
+                              runs[run_key(b.name, t, "random", _seed_key(cfg, s))]) for s in seeds]
+            row = rows[0]
+            if len(rows) > 1:
+                row = {k: (float(np.mean([r[k] for r in rows])) if isinstance(v, (int, float)) else v)
+                       for k, v in row.items()}
             pairs.append(row)
     corr = {}
     stat_kw = dict(num_bootstrap=int(cfg.num_bootstrap), num_permutations=int(cfg.num_correlation_permutations),
@@ -187,8 +231,7 @@ def summarise(cfg, out_dir: str) -> dict:
                     corr[f"{measure}~{target}/{method}"] = correlate(x, y, method=method, **stat_kw).to_dict()
                 except Exception as exc:  # constant columns (e.g. every run converged at once) have no correlation
                     corr[f"{measure}~{target}/{method}"] = {"method": method, "r": float("nan"), "error": str(exc)}
-    results = {"primary_site": site, "pairs": pairs, "correlations": corr,
-               "runs": {run_key(*k): v for k, v in runs.items()},
+    results = {"primary_site": site, "pairs": pairs, "correlations": corr, "runs": runs,
                "finding": finding(pairs, corr, site)}
     write_json(os.path.join(out_dir, "results.json"), results)
     import csv

@@ -8,7 +8,6 @@ outputs into what each task's ``evaluate`` expects.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import numpy as np
 
@@ -18,19 +17,6 @@ from vfm_align.data.tasks import TASKS, get_task
 from vfm_align.errors import DataError
 
 __all__ = ["TASKS", "load_cohort", "make_task_data", "evaluate"]
-
-
-class TaskSpec(NamedTuple):  # TODO(merge): old name, remove after engine merge (read the Task itself)
-    name: str
-    kind: str
-    loss: str
-    num_outputs: int
-    metric: str
-
-
-def get_spec(task: str, seed: int = 0) -> TaskSpec:  # TODO(merge): old name, remove after engine merge (get_task)
-    t = get_task(task, seed=seed)
-    return TaskSpec(t.name, t.head, t.loss, t.num_outputs, t.primary)
 
 
 def _center_crop(a: np.ndarray, hw) -> np.ndarray:

@@ -89,3 +89,18 @@ class CohortValidation:
 
     def evaluate(self, outputs: np.ndarray) -> dict:
         return self.task.evaluate(self.task.predictions(outputs), self.targets, self.glands)
+
+
+class DrawnBatches:
+    """Batches of ``batch_size`` rows drawn at random (with replacement only when there are fewer rows),
+    from ``np.random.default_rng(seed)`` in step order: the study's short runs, which resume per run
+    rather than per step. ``keys``: the arrays of ``arrays`` a batch carries."""
+
+    def __init__(self, arrays: dict, batch_size: int, seed: int, keys=("image", "target")):
+        self.arrays, self.batch_size, self.keys = arrays, int(batch_size), tuple(keys)
+        self.rng = np.random.default_rng(seed)
+        self.n = len(arrays[self.keys[0]])
+
+    def next(self) -> dict:
+        idx = self.rng.choice(self.n, self.batch_size, replace=self.n < self.batch_size)
+        return {k: self.arrays[k][idx] for k in self.keys}

@@ -59,13 +59,3 @@ def l2(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 LOSSES = {"ce": cross_entropy, "dice_ce": dice_ce, "l1": l1, "l2": l2}
-
-
-
-def _default_loss_by_head():  # TODO(merge): old name, remove after engine merge (use get_task(name).loss)
-    from vfm_align.data.tasks import TASKS, get_task
-
-    return {t.head: t.loss for t in map(get_task, TASKS)}
-
-
-DEFAULT_LOSS = _default_loss_by_head()  # TODO(merge): old name, remove after engine merge
