@@ -9,7 +9,8 @@ refuses any key that was neither consumed nor ignored.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

@@ -199,8 +199,7 @@ def _convert_fusion(r: KeyReader, cfg):
 
 def convert(sd: dict, extras: dict, arch: str, source: str, **config):
     """Convert a ProViCNet state_dict; ``config`` overrides what the weights cannot tell (num_heads, img_size)."""
-    from vfm_align.models.provicnet import (ProViCNet, ProViCNetConfig, ProViCNetFusion,
-                                            ProViCNetFusionConfig)
+    from vfm_align.models.provicnet import ProViCNet, ProViCNetConfig, ProViCNetFusion, ProViCNetFusionConfig
 
     r = KeyReader(sd, source)
     if arch == "provicnet":

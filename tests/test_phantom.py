@@ -10,8 +10,15 @@ from scipy import ndimage
 
 from vfm_align.data.cohort import read_manifest
 from vfm_align.data.nifti import load_volume
-from vfm_align.data.phantom import (GRADE_P, NUM_LESIONS_P, PhantomConfig, case_rng, make_phantom, render_case,
-                                    sample_case_spec)
+from vfm_align.data.phantom import (
+    GRADE_P,
+    NUM_LESIONS_P,
+    PhantomConfig,
+    case_rng,
+    make_phantom,
+    render_case,
+    sample_case_spec,
+)
 from vfm_align.errors import DataError
 
 CFG = PhantomConfig()  # the default 32x96x96 grid: statistics are checked at the shipped resolution

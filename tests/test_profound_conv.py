@@ -15,7 +15,6 @@ from vfm_align.model_io import save_model
 from vfm_align.models.fcmae import FCMAE, FCMAEConfig, mask_from_noise, masked_patch_loss, patchify, random_mask
 
 
-
 def cl(a):  # torch NCDHW -> channels-last
     return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 4, 1))
 

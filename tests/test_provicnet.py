@@ -17,7 +17,6 @@ from vfm_align.models.layers import gelu
 from vfm_align.models.provicnet import load_stream_heads, resize_pos_table, upsample2_conv3x3
 
 
-
 def _jit_method(model, name):
     graphdef, state = nnx.split(model)
 

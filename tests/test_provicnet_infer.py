@@ -11,8 +11,14 @@ from flax import nnx
 
 from vfm_align.cli import main as cli_main
 from vfm_align.errors import DataError
-from vfm_align.infer.provicnet import (normalize_volume, predict_fusion, predict_sequence, preprocess_volume,
-                                       slice_windows, write_prediction)
+from vfm_align.infer.provicnet import (
+    normalize_volume,
+    predict_fusion,
+    predict_sequence,
+    preprocess_volume,
+    slice_windows,
+    write_prediction,
+)
 from vfm_align.model_io import save_model
 from vfm_align.models.provicnet import ProViCNetConfig, ProViCNetFusionConfig
 from vfm_align.models.registry import build_model

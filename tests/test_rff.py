@@ -5,7 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vfm_align.align import exact_mmd2, feature_sums, features, median_sigma, mmd, mmd2_from_sums, rff_frequencies, rff_mmd2
+from vfm_align.align import (
+    exact_mmd2,
+    feature_sums,
+    features,
+    median_sigma,
+    mmd,
+    mmd2_from_sums,
+    rff_frequencies,
+    rff_mmd2,
+)
 from vfm_align.align.rff import sincos
 from vfm_align.errors import DataError
 

@@ -16,11 +16,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
+from timing import sample_times
 
 from vfm_align.models.ops3d import depthwise_conv3d
-from timing import sample_times
-import machine
 
 STAGES = [(96, 16, 56, 56), (192, 8, 28, 28), (384, 4, 14, 14), (768, 4, 14, 14)]
 

@@ -21,8 +21,8 @@ import statistics
 import sys
 import tempfile
 import time
-import machine
 
+import machine
 
 
 def _pass(loader, epoch=0):

@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 
+import machine
 import numpy as np
 from timing import sample_times
-import machine
 
 D = 768
 

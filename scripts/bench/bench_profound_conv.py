@@ -17,13 +17,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 from flax import nnx
+from timing import sample_times
 
 from vfm_align.models.convnext3d import ConvNeXt3DConfig
 from vfm_align.models.registry import build_model
-from timing import sample_times
-import machine
 
 
 def torch_convnext(params, cfg):

@@ -17,6 +17,7 @@ import platform
 import time
 
 import jax
+import machine
 import numpy as np
 
 from vfm_align.data.tasks import get_task
@@ -27,7 +28,6 @@ from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import create_state
 from vfm_align.train.step import jit_train_step, make_feature_step, make_train_step, task_loss
-import machine
 
 
 def bench(backbone, task, variant, reps):

@@ -14,7 +14,8 @@ import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -123,7 +124,7 @@ def extract_bank(feature_fn: Callable[[Any], dict], batches: Iterable, path: str
         "shape": [total, width],
         "dtype": "float32",
         "rows_per_input": rows_per_input,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "provenance": provenance or {},
     }
     write_json(side, meta, default=repr)

@@ -144,7 +144,7 @@ def render_case(spec: dict, cfg: PhantomConfig = PhantomConfig()) -> dict:
     def box(center, radii):
         """Index slices of the voxels that can lie within an ellipsoid (None radius = whole axis)."""
         out = []
-        for ax, c, r, s in zip(axes, center, radii, sp):
+        for ax, c, r in zip(axes, center, radii):
             if r is None:
                 out.append(slice(None))
                 continue

@@ -114,7 +114,6 @@ def _load_run(run: str) -> InferenceModel:
     _, gdef_eval, abstract, sh, _ = abstract_state(lambda: build_task_model(cfg, (*roi, 3)), make_tx, mesh,
                                                    min_size=int(cfg.mesh.fsdp_min_size))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
-    from vfm_align.data.tasks import get_task
 
     ckpts = RunCheckpoints(os.path.join(run, "checkpoints"), best_metric=get_task(cfg.task.name).primary)
     try:

@@ -124,7 +124,7 @@ def _model_input_size(model) -> int:
     return model.config.img_size
 
 
-_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {what: runner}, reused across cases
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {what: runner}, reused across cases
 
 
 def _runner(model, what: str):

@@ -58,7 +58,7 @@ class MaeViT3dConfig:
                                   f"{self.num_patches}")
 
     @classmethod
-    def large(cls, **kw) -> "MaeViT3dConfig":
+    def large(cls, **kw) -> MaeViT3dConfig:
         """The reference ``mae_vit_large_patch16`` factory: 1024 wide, 24 blocks, 16 heads, same decoder."""
         return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_dim": 4096, **kw})
 
