@@ -413,7 +413,8 @@ def test_safe_pickle_reads_plain_data_as_pickle_does(protocol):
     shared = [1, 2]
     obj["shared"] = (shared, shared)
     allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
-               ("builtins", "frozenset"): frozenset, ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset}
+               ("builtins", "frozenset"): frozenset, ("__builtin__", "set"): set,
+               ("__builtin__", "frozenset"): frozenset}
 
     def find_class(module, name):
         if (module, name) not in allowed:

@@ -48,7 +48,8 @@ def random_state_dict(seed: int = 0, decoder_depth: int = DDEPTH) -> dict[str, n
         return (mean + scale * rng.standard_normal(n)).astype(np.float32)
 
     sd = {"cls_token": vec((1, 1, E), 0.5), "pos_embed": vec((1, t1, E), 0.5),
-          "patch_embed.proj.weight": (rng.standard_normal((E, C, *PATCH), np.float32) / np.sqrt(pdim)).astype(np.float32),
+          "patch_embed.proj.weight":
+              (rng.standard_normal((E, C, *PATCH), np.float32) / np.sqrt(pdim)).astype(np.float32),
           "patch_embed.proj.bias": vec(E), "norm.weight": vec(E, 0.2, 1.0), "norm.bias": vec(E),
           "decoder_embed.weight": lin(DE, E), "decoder_embed.bias": vec(DE), "mask_token": vec((1, 1, DE), 0.5),
           "decoder_pos_embed": vec((1, t1, DE), 0.5), "decoder_norm.weight": vec(DE, 0.2, 1.0),
@@ -122,7 +123,8 @@ def main():
         t_fwd = torch_encoder(sd)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, inference_mode")
 
-    print(f"{'batch':>5} {'compile s':>9} {'jax ms':>10} {'(iqr)':>7} {'torch ms':>10} {'(iqr)':>7} {'torch/jax':>9} {'max|diff|':>9}")
+    print(f"{'batch':>5} {'compile s':>9} {'jax ms':>10} {'(iqr)':>7} "
+          f"{'torch ms':>10} {'(iqr)':>7} {'torch/jax':>9} {'max|diff|':>9}")
     for n in args.batch:
         x = np.random.default_rng(n).standard_normal((n, *IMG, C)).astype(np.float32)
         xj = jax.device_put(jnp.asarray(x))

@@ -247,7 +247,8 @@ def _combine(xx, yy, xy, n: int, m: int, k0: int, estimator: str):
     raise ConfigError(f"estimator '{estimator}' is not available with random features (use 'unbiased' or 'biased')")
 
 
-def mmd2_from_sums(sx, sy, n: int, m: int, *, k0: int, estimator: str = "unbiased", num_features: int | None = None) -> float:
+def mmd2_from_sums(sx, sy, n: int, m: int, *, k0: int, estimator: str = "unbiased",
+                   num_features: int | None = None) -> float:
     """MMD^2 from unscaled feature sums. k0 = number of bandwidths; F = frequencies per bandwidth."""
     sx = np.asarray(sx, np.float64)
     sy = np.asarray(sy, np.float64)

@@ -135,7 +135,8 @@ class PreprocessCache:
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, default=list)
         if not self.is_fresh(case):
-            raise DataError(f"case {case.case_id}: the cache entry {final} was replaced by a different one while writing")
+            raise DataError(
+                f"case {case.case_id}: the cache entry {final} was replaced by a different one while writing")
 
     def get(self, case: Case) -> dict:
         """The cached arrays of ``case`` as read-only memmaps (preprocessing it first if needed)."""
