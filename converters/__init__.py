@@ -45,7 +45,8 @@ def detect_arch(state_dict: dict, source: str = "<state_dict>") -> str:
     if len(found) != 1:
         sample = list(state_dict)[:8]
         raise ConversionError(
-            f"{source}: cannot infer the architecture from its keys ({'ambiguous: ' + str(found) if found else 'no match'}); "
+            f"{source}: cannot infer the architecture from its keys "
+            f"({'ambiguous: ' + str(found) if found else 'no match'}); "
             f"first keys {sample}; pass arch= one of {known_archs()}"
         )
     return found[0]

@@ -9,7 +9,8 @@ refuses any key that was neither consumed nor ignored.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,13 +107,15 @@ def assign(model: nnx.Module, params: dict[tuple, np.ndarray], source: str = "<s
             continue
         if tuple(value.shape) != tuple(var.get_value().shape):
             problems.append(
-                f"model variable {'/'.join(map(str, path))}: converted shape {tuple(value.shape)}, model expects {tuple(var.get_value().shape)}"
+                f"model variable {'/'.join(map(str, path))}: converted shape {tuple(value.shape)}, "
+                f"model expects {tuple(var.get_value().shape)}"
             )
             continue
         var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     extra = [p for p in params if p not in flat]
     problems += [f"converted weight for unknown model variable {'/'.join(map(str, p))}" for p in extra]
     if problems:
-        raise ConversionError(f"{source}: {len(problems)} problem(s) assigning weights:\n  - " + "\n  - ".join(problems))
+        raise ConversionError(
+            f"{source}: {len(problems)} problem(s) assigning weights:\n  - " + "\n  - ".join(problems))
     nnx.update(model, state)
     return model

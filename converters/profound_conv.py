@@ -152,7 +152,8 @@ def _encoder_sizes(sd, p: str, source: str):
             raise ConversionError(f"{source}: stage {s} has no blocks ('{p}stages.{s}.*')")
         depths.append(max(blocks) + 1)
         dims.append(int(sd[f"{p}stages.{s}.0.dwconv.bias"].shape[0]))
-    return {"in_chans": int(sd[f"{p}downsample_layers.0.0.weight"].shape[1]), "depths": tuple(depths), "dims": tuple(dims)}
+    return {"in_chans": int(sd[f"{p}downsample_layers.0.0.weight"].shape[1]), "depths": tuple(depths),
+            "dims": tuple(dims)}
 
 
 def _read_encoder(r: KeyReader, p: str, depths, dims, cin, path=("encoder",), final_norm=True):
@@ -169,7 +170,8 @@ def _read_encoder(r: KeyReader, p: str, depths, dims, cin, path=("encoder",), fi
     for i in range(3):
         k = 2 if i < 2 else 1
         ln(f"{p}downsample_layers.{i + 1}.0", ("down_norms", i), dims[i])
-        out[P + ("downs", i, "kernel")] = r.take(f"{p}downsample_layers.{i + 1}.1.weight", conv3d, (dims[i + 1], dims[i], k, k, k))
+        out[P + ("downs", i, "kernel")] = r.take(f"{p}downsample_layers.{i + 1}.1.weight", conv3d,
+                                                 (dims[i + 1], dims[i], k, k, k))
         out[P + ("downs", i, "bias")] = r.take(f"{p}downsample_layers.{i + 1}.1.bias", shape=(dims[i + 1],))
     for s, (depth, c) in enumerate(zip(depths, dims)):
         for b in range(depth):
@@ -181,8 +183,11 @@ def _read_encoder(r: KeyReader, p: str, depths, dims, cin, path=("encoder",), fi
 
 
 def _read_block(r: KeyReader, src: str, dst: tuple, c: int):
+    def depthwise(w):  # torch (C, 1, kD, kH, kW) -> (kD, kH, kW, C)
+        return np.ascontiguousarray(w[:, 0].transpose(1, 2, 3, 0))
+
     out = {
-        dst + ("dwconv_kernel",): r.take(f"{src}.dwconv.weight", lambda w: np.ascontiguousarray(w[:, 0].transpose(1, 2, 3, 0)), (c, 1, 7, 7, 7)),
+        dst + ("dwconv_kernel",): r.take(f"{src}.dwconv.weight", depthwise, (c, 1, 7, 7, 7)),
         dst + ("dwconv_bias",): r.take(f"{src}.dwconv.bias", shape=(c,)),
         dst + ("norm", "scale"): r.take(f"{src}.norm.weight", shape=(c,)),
         dst + ("norm", "bias"): r.take(f"{src}.norm.bias", shape=(c,)),
@@ -248,7 +253,8 @@ def convert(state_dict, extras, arch, source, **config):
             raise ConversionError(f"{source}: classifier keys 'head.0.weight'/'head.3.weight' missing")
         inferred = {**sizes, "bottleneck_dim": w0[0], "num_classes": w3[0]}
         if "num_classes" in args and args["num_classes"] != w3[0]:
-            raise ConversionError(f"{source}: args.num_classes={args['num_classes']} but head.3.weight has {w3[0]} rows")
+            raise ConversionError(
+                f"{source}: args.num_classes={args['num_classes']} but head.3.weight has {w3[0]} rows")
         cfg = _make_config(Cfg, inferred, config, source)
         params = _read_encoder(r, p, cfg.depths, cfg.dims, cfg.in_chans)
         nb, k, c4 = cfg.bottleneck_dim, cfg.num_classes, cfg.dims[-1]
@@ -335,7 +341,8 @@ def _convert_fcmae(sd, source, with_decoder: bool = False, **config):
             params[("norm", "scale")], params[("norm", "bias")] = np.ones(c, np.float32), np.zeros(c, np.float32)
         report = r.finish()
         model = assign(model, params, source)
-        ignored = {k: "FCMAE decoder / mask token; not part of the encoder (pass with_decoder=True to keep it)" for k in decoder_keys}
+        why = "FCMAE decoder / mask token; not part of the encoder (pass with_decoder=True to keep it)"
+        ignored = {k: why for k in decoder_keys}
         return model, {"config": cfg, "used": [origin[k] for k in report["used"]], "ignored": ignored,
                        "arch": "profound_conv"}  # what was built: a bare encoder
     from vfm_align.models.fcmae import FCMAEConfig as Cfg
@@ -350,11 +357,13 @@ def _convert_fcmae(sd, source, with_decoder: bool = False, **config):
     inferred = {**sizes, "decoder_dim": dw[0], "decoder_depth": ddepth}
     cfg = _make_config(Cfg, inferred, config, source)
     if pw[0] != cfg.in_chans * int(np.prod(cfg.patch_size)):
-        raise ConfigError(f"{source}: pred.weight has {pw[0]} outputs, not in_chans*prod(patch_size) for {cfg.patch_size}")
+        raise ConfigError(
+            f"{source}: pred.weight has {pw[0]} outputs, not in_chans*prod(patch_size) for {cfg.patch_size}")
     params = _read_encoder(r, "", cfg.depths, cfg.dims, cfg.in_chans, final_norm=has_norm)
     if not has_norm:
         c = cfg.dims[-1]
-        params[("encoder", "norm", "scale")], params[("encoder", "norm", "bias")] = np.ones(c, np.float32), np.zeros(c, np.float32)
+        params[("encoder", "norm", "scale")] = np.ones(c, np.float32)
+        params[("encoder", "norm", "bias")] = np.zeros(c, np.float32)
     e = cfg.decoder_dim
     params[("proj", "kernel")] = rd.take("proj.weight", conv3d, (e, cfg.dims[-1], 1, 1, 1))
     params[("proj", "bias")] = rd.take("proj.bias", shape=(e,))

@@ -105,7 +105,8 @@ def _block(r: KeyReader, src: str, dst: tuple, dim: int, mlp: int) -> dict[tuple
     for n in ("norm1", "norm2"):
         out[dst + (n, "scale")] = r.take(f"{src}.{n}.weight", shape=(dim,))
         out[dst + (n, "bias")] = r.take(f"{src}.{n}.bias", shape=(dim,))
-    for name, o, i in (("attn.qkv", 3 * dim, dim), ("attn.proj", dim, dim), ("mlp.fc1", mlp, dim), ("mlp.fc2", dim, mlp)):
+    linears = (("attn.qkv", 3 * dim, dim), ("attn.proj", dim, dim), ("mlp.fc1", mlp, dim), ("mlp.fc2", dim, mlp))
+    for name, o, i in linears:
         path = dst + tuple(name.split("."))
         out[path + ("kernel",)] = r.take(f"{src}.{name}.weight", linear, shape=(o, i))
         out[path + ("bias",)] = r.take(f"{src}.{name}.bias", shape=(o,))

@@ -29,7 +29,8 @@ _FUSION_STREAMS = {"t2w": "Stream_T2W", "adc": "Stream_ADC", "dwi": "Stream_DWI"
 def detect(sd: dict) -> str | None:
     if f"{_B}blocks.0.attn.qkv.weight" in sd and "axis_pos.weight" in sd:
         return "provicnet"
-    if "FusionSegmentation.1.weight" in sd and any(f"{s}.UpsampleModule.1.weight" in sd for s in _FUSION_STREAMS.values()):
+    if "FusionSegmentation.1.weight" in sd and any(
+            f"{s}.UpsampleModule.1.weight" in sd for s in _FUSION_STREAMS.values()):
         return "provicnet_fusion"
     return None
 
@@ -158,7 +159,8 @@ def _convert_provicnet(r: KeyReader, cfg, source: str):
     for j, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
         P.update(_conv_bn(r, f"{_HEAD}{4 * j + 1}.", f"{_HEAD}{4 * j + 2}.", cin, cout, ("head", "stages", j)))
     k = 4 * len(cfg.head_channels) + 1
-    P[("head", "classifier", "kernel")] = r.take(f"{_HEAD}{k}.weight", conv2d, shape=(cfg.num_classes, widths[-1], 3, 3))
+    P[("head", "classifier", "kernel")] = r.take(f"{_HEAD}{k}.weight", conv2d,
+                                                 shape=(cfg.num_classes, widths[-1], 3, 3))
     P[("head", "classifier", "bias")] = r.take(f"{_HEAD}{k}.bias", shape=(cfg.num_classes,))
     if cfg.cl_out:
         dims = (e, cfg.cl_hidden, cfg.cl_hidden, cfg.cl_bottleneck)
@@ -199,8 +201,7 @@ def _convert_fusion(r: KeyReader, cfg):
 
 def convert(sd: dict, extras: dict, arch: str, source: str, **config):
     """Convert a ProViCNet state_dict; ``config`` overrides what the weights cannot tell (num_heads, img_size)."""
-    from vfm_align.models.provicnet import (ProViCNet, ProViCNetConfig, ProViCNetFusion,
-                                            ProViCNetFusionConfig)
+    from vfm_align.models.provicnet import ProViCNet, ProViCNetConfig, ProViCNetFusion, ProViCNetFusionConfig
 
     r = KeyReader(sd, source)
     if arch == "provicnet":

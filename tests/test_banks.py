@@ -115,7 +115,8 @@ def test_score_command_errors(tmp_path, capsys):
 
     _two_banks(tmp_path)
     np.save(tmp_path / "narrow.npy", np.zeros((300, 5), np.float32))
-    assert main(["score", "--before-bank", str(tmp_path / "before.npy"), "--after-bank", str(tmp_path / "narrow.npy")]) == 1
+    assert main(["score", "--before-bank", str(tmp_path / "before.npy"),
+                 "--after-bank", str(tmp_path / "narrow.npy")]) == 1
     assert "different widths" in capsys.readouterr().err
     assert main(["score", "--before-bank", str(tmp_path / "before.npy")]) == 1
     assert "go together" in capsys.readouterr().err

@@ -35,10 +35,10 @@ import pytest
 _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
-from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip
-
-from converters.torch_reader import extract_state_dict, memory_bound, read_torch
-from vfm_align.errors import CheckpointError
+# These need the sys.path line above: the child process runs this file as a script, outside pytest's rootdir.
+from converters.torch_reader import extract_state_dict, memory_bound, read_torch  # noqa: E402
+from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip  # noqa: E402
+from vfm_align.errors import CheckpointError  # noqa: E402
 
 DEFAULT_CASES = 300
 SLOW_CASES = 6000

@@ -73,7 +73,8 @@ def test_u_and_v_differ_by_the_diagonal(banks):
     u = mmd(x, y, sigma=3.0, estimator="unbiased")
     v = mmd(x, y, sigma=3.0, estimator="biased")
     n, m = len(x), len(y)
-    kxx, kyy = _gram(x.astype(np.float64), x.astype(np.float64), [3.0], "rbf"), _gram(y.astype(np.float64), y.astype(np.float64), [3.0], "rbf")
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    kxx, kyy = _gram(x64, x64, [3.0], "rbf"), _gram(y64, y64, [3.0], "rbf")
     offx = (kxx.sum() - n) / (n * (n - 1))
     offy = (kyy.sum() - m) / (m * (m - 1))
     assert abs((v - u) - ((1 - offx) / n + (1 - offy) / m)) < 1e-6

@@ -129,7 +129,8 @@ def _np_linear_1d(n_in, n_out):
     return m
 
 
-@pytest.mark.parametrize("src,dst", [((1, 2, 3), (4, 14, 14)), ((6, 6, 6), (2, 2, 3)), ((8, 9, 11), (32, 36, 44)), ((3, 5, 4), (3, 5, 4))])
+@pytest.mark.parametrize("src,dst", [((1, 2, 3), (4, 14, 14)), ((6, 6, 6), (2, 2, 3)), ((8, 9, 11), (32, 36, 44)),
+                                     ((3, 5, 4), (3, 5, 4))])
 def test_trilinear_matches_torch_formula(src, dst):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, *src, 3)).astype(np.float32)

@@ -1,4 +1,5 @@
-"""Permutation tests: level under the null (p-values ~ uniform), power under a small shift, paired swaps, exact vs RFF."""
+"""Permutation tests: level under the null (p-values ~ uniform), power under a small shift, paired swaps,
+exact vs RFF."""
 
 import numpy as np
 import pytest

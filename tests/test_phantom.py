@@ -10,8 +10,15 @@ from scipy import ndimage
 
 from vfm_align.data.cohort import read_manifest
 from vfm_align.data.nifti import load_volume
-from vfm_align.data.phantom import (GRADE_P, NUM_LESIONS_P, PhantomConfig, case_rng, make_phantom, render_case,
-                                    sample_case_spec)
+from vfm_align.data.phantom import (
+    GRADE_P,
+    NUM_LESIONS_P,
+    PhantomConfig,
+    case_rng,
+    make_phantom,
+    render_case,
+    sample_case_spec,
+)
 from vfm_align.errors import DataError
 
 CFG = PhantomConfig()  # the default 32x96x96 grid: statistics are checked at the shipped resolution
@@ -31,7 +38,8 @@ def _cnr(vol, lesion, zone_mask):
 
 @pytest.fixture(scope="module")
 def significant_lesions():
-    cases = [(_lesion_case(s, g, z), z) for s, (g, z) in enumerate([(2, "pz"), (3, "pz"), (4, "tz"), (5, "pz"), (3, "tz"), (4, "pz")])]
+    grades_zones = [(2, "pz"), (3, "pz"), (4, "tz"), (5, "pz"), (3, "tz"), (4, "pz")]
+    cases = [(_lesion_case(s, g, z), z) for s, (g, z) in enumerate(grades_zones)]
     return cases
 
 
@@ -136,7 +144,8 @@ def test_make_phantom_writes_a_valid_cohort(tmp_path):
 def test_cli_phantom(tmp_path, capsys):
     from vfm_align.cli import main
 
-    assert main(["phantom", "--out", str(tmp_path / "c"), "--cases", "2", "--shape", "16,32,32", "--workers", "1", "--quiet"]) == 0
+    assert main(["phantom", "--out", str(tmp_path / "c"), "--cases", "2", "--shape", "16,32,32",
+                 "--workers", "1", "--quiet"]) == 0
     assert (tmp_path / "c" / "manifest.csv").is_file()
     assert main(["phantom", "--out", str(tmp_path / "d"), "--shape", "16,32"]) == 1
     assert "--shape" in capsys.readouterr().err

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from vfm_align.data.preprocess_profound import (
-    PROFOUND_CROP, center_crop_pad, plan_center_crop_pad, preprocess_profound, stack_channels, zscore_nonzero)
+    PROFOUND_CROP,
+    center_crop_pad,
+    plan_center_crop_pad,
+    preprocess_profound,
+    stack_channels,
+    zscore_nonzero,
+)
 from vfm_align.errors import DataError
 
 

@@ -49,7 +49,8 @@ def test_converter_infers_the_fixture_config(converted, g):
     assert c.patch_size == tuple(cfg["patch_size"]) and c.embed_dim == cfg["embed_dim"]
     assert c.depth == cfg["depth"] and c.decoder_depth == cfg["decoder_depth"]
     assert c.decoder_embed_dim == cfg["decoder_embed_dim"] and c.in_chans == cfg["in_chans"]
-    assert c.mlp_dim == cfg["embed_dim"] * cfg["mlp_ratio"] and c.decoder_mlp_dim == cfg["decoder_embed_dim"] * cfg["mlp_ratio"]
+    assert c.mlp_dim == cfg["embed_dim"] * cfg["mlp_ratio"]
+    assert c.decoder_mlp_dim == cfg["decoder_embed_dim"] * cfg["mlp_ratio"]
     assert c.img_size == tuple(cfg["img_size"]) and c.num_patches == 24
     assert c.norm_pix_loss is bool(g["norm_pix_loss"]) and info["config_origin"]["norm_pix_loss"] == "checkpoint args"
     assert c.num_heads == 4 and info["config_origin"]["num_heads"] == "override"

@@ -17,7 +17,6 @@ from vfm_align.models.layers import gelu
 from vfm_align.models.provicnet import load_stream_heads, resize_pos_table, upsample2_conv3x3
 
 
-
 def _jit_method(model, name):
     graphdef, state = nnx.split(model)
 
@@ -132,7 +131,8 @@ def test_weight_norm_fold_matches_definition():
     g, v = rng.uniform(0.5, 2, (5, 1)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
     w = fold_weight_norm(g, v)
     for i in range(5):
-        np.testing.assert_allclose(w[i], g[i, 0] * v[i] / math.sqrt(float((v[i].astype(np.float64) ** 2).sum())), rtol=1e-6)
+        norm = math.sqrt(float((v[i].astype(np.float64) ** 2).sum()))
+        np.testing.assert_allclose(w[i], g[i, 0] * v[i] / norm, rtol=1e-6)
 
 
 def _upsample_conv_numpy(x, kernel, bias):

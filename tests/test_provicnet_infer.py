@@ -11,8 +11,14 @@ from flax import nnx
 
 from vfm_align.cli import main as cli_main
 from vfm_align.errors import DataError
-from vfm_align.infer.provicnet import (normalize_volume, predict_fusion, predict_sequence, preprocess_volume,
-                                       slice_windows, write_prediction)
+from vfm_align.infer.provicnet import (
+    normalize_volume,
+    predict_fusion,
+    predict_sequence,
+    preprocess_volume,
+    slice_windows,
+    write_prediction,
+)
 from vfm_align.model_io import save_model
 from vfm_align.models.provicnet import ProViCNetConfig, ProViCNetFusionConfig
 from vfm_align.models.registry import build_model
@@ -172,7 +178,8 @@ def _bad_inputs(case):
         "4d": (str(_save4d(d / "4d.nii.gz", rng)), case["gland_path"], "3D"),
         "nan": (_save(d / "nan.nii.gz", nan), case["gland_path"], "NaN"),
         "mask shape": (case["image_path"], _save(d / "gshape.nii.gz", _gland((D, H, W + 1))), "shape"),
-        "mask affine": (case["image_path"], _save(d / "gaff.nii.gz", _gland(), np.diag([0.6, 0.5, 3.0, 1.0])), "affine"),
+        "mask affine": (case["image_path"], _save(d / "gaff.nii.gz", _gland(), np.diag([0.6, 0.5, 3.0, 1.0])),
+                        "affine"),
         "empty mask": (case["image_path"], _save(d / "gempty.nii.gz", np.zeros((D, H, W), np.uint8)), "empty"),
     }
 

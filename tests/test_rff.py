@@ -5,7 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vfm_align.align import exact_mmd2, feature_sums, features, median_sigma, mmd, mmd2_from_sums, rff_frequencies, rff_mmd2
+from vfm_align.align import (
+    exact_mmd2,
+    feature_sums,
+    features,
+    median_sigma,
+    mmd,
+    mmd2_from_sums,
+    rff_frequencies,
+    rff_mmd2,
+)
 from vfm_align.align.rff import sincos
 from vfm_align.errors import DataError
 
@@ -42,7 +51,8 @@ def _errors(x, y, sigma, sizes, seeds, orthogonal=False, kernel="rbf"):
     exact = exact_mmd2(x, y, [sigma], kernel=kernel)
     out = []
     for f in sizes:
-        vals = np.array([mmd(x, y, sigma=sigma, method="rff", num_features=f, seed=s, orthogonal=orthogonal, kernel=kernel)
+        vals = np.array([mmd(x, y, sigma=sigma, method="rff", num_features=f, seed=s, orthogonal=orthogonal,
+                             kernel=kernel)
                          for s in range(seeds)])
         out.append(np.sqrt(np.mean((vals - exact) ** 2)))
     return exact, np.array(out)
@@ -107,7 +117,8 @@ def test_functional_form_matches_streamed(shifted):
     x, y = shifted
     w = rff_frequencies(16, 256, [2.0, 5.0], seed=4)
     with jax.default_matmul_precision("highest"):
-        got = float(jax.jit(lambda a, b: rff_mmd2(a, b, jnp.asarray(w), num_bandwidths=2))(jnp.asarray(x), jnp.asarray(y)))
+        fn = jax.jit(lambda a, b: rff_mmd2(a, b, jnp.asarray(w), num_bandwidths=2))
+        got = float(fn(jnp.asarray(x), jnp.asarray(y)))
     want = mmd2_from_sums(feature_sums(x, w), feature_sums(y, w), len(x), len(y), k0=2)
     assert abs(got - want) < 2e-5
 
@@ -127,5 +138,6 @@ def test_deterministic_and_sharded_equals_single_device(shifted):
     rng = np.random.default_rng(5)
     big = rng.standard_normal((5000, 16)).astype(np.float32)
     w = rff_frequencies(16, 256, [4.0], seed=0)
-    np.testing.assert_allclose(feature_sums(big, w, mesh=mesh, chunk_rows=2048), feature_sums(big, w), atol=2e-2, rtol=1e-5)
+    np.testing.assert_allclose(feature_sums(big, w, mesh=mesh, chunk_rows=2048), feature_sums(big, w),
+                               atol=2e-2, rtol=1e-5)
     assert mmd(x, y, seed=8, method="rff", num_features=1024) != one  # a different seed draws other frequencies

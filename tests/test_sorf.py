@@ -9,8 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vfm_align.align import exact_mmd2, feature_sums, features, median_sigma, mmd, mmd2_from_sums, mmd_test
-from vfm_align.align import rff, rff_frequencies, rff_mmd2
+from vfm_align.align import (
+    exact_mmd2,
+    feature_sums,
+    features,
+    median_sigma,
+    mmd,
+    mmd2_from_sums,
+    mmd_test,
+    rff,
+    rff_frequencies,
+    rff_mmd2,
+)
 from vfm_align.errors import ConfigError
 
 

@@ -9,10 +9,16 @@ import zlib
 
 import numpy as np
 import pytest
-from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip
 
-from converters.torch_reader import (MAX_PICKLE_BYTES, Namespace, extract_state_dict, load_state_dict, memory_bound,
-                                     read_torch)
+from converters.torch_reader import (
+    MAX_PICKLE_BYTES,
+    Namespace,
+    extract_state_dict,
+    load_state_dict,
+    memory_bound,
+    read_torch,
+)
+from torch_zip import S, T, deflate_bomb, raw_zip, state_dict, torch_pickle, write_torch_zip
 from vfm_align.errors import CheckpointError
 
 
@@ -407,7 +413,8 @@ def test_safe_pickle_reads_plain_data_as_pickle_does(protocol):
     shared = [1, 2]
     obj["shared"] = (shared, shared)
     allowed = {("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
-               ("builtins", "frozenset"): frozenset, ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset}
+               ("builtins", "frozenset"): frozenset, ("__builtin__", "set"): set,
+               ("__builtin__", "frozenset"): frozenset}
 
     def find_class(module, name):
         if (module, name) not in allowed:

@@ -64,7 +64,8 @@ def save_model(model: nnx.Module, arch: str, config: Any, out_dir: str | os.Path
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), pure)
             ckptr.wait_until_finished()
-        sidecar = {"format_version": FORMAT_VERSION, "arch": arch, "config": _jsonable(config), **_jsonable(extra or {})}
+        sidecar = {"format_version": FORMAT_VERSION, "arch": arch, "config": _jsonable(config),
+                   **_jsonable(extra or {})}
         with open(os.path.join(tmp, SIDECAR), "w") as fh:
             json.dump(sidecar, fh, indent=1)
     return out_dir

@@ -16,11 +16,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
+from timing import sample_times
 
 from vfm_align.models.ops3d import depthwise_conv3d
-from timing import sample_times
-import machine
 
 STAGES = [(96, 16, 56, 56), (192, 8, 28, 28), (384, 4, 14, 14), (768, 4, 14, 14)]
 
@@ -74,7 +74,8 @@ def torch_case(xn, kn, gn, reps, backward):
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(kn.transpose(3, 0, 1, 2)[:, None])))
     conv = conv.to(memory_format=torch.channels_last_3d)  # torch's fastest CPU layout here
-    x = torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 4, 1, 2, 3))).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 4, 1, 2, 3)))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.inference_mode():
         out = conv(x)
         t_f = timeit(lambda: conv(x), reps)
@@ -102,7 +103,8 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
     print(f"machine: {machine.describe()}")
-    print(f"jax {jax.__version__} backend {jax.default_backend()} cpus {os.cpu_count()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} float32 batch 1")
+    print(f"jax {jax.__version__} backend {jax.default_backend()} cpus {os.cpu_count()} "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} float32 batch 1")
     rng = np.random.default_rng(0)
     for s in map(int, a.stages.split(",")):
         c, d, h, w = STAGES[s]
@@ -124,7 +126,9 @@ def main():
             if ref_t:
                 line += f" ({tf / ref_t[0]:5.2f}x torch)"
             if tb is not None:
-                line += f"  fwd+bwd {tb * 1e3:9.1f} ms" + (f" ({tb / ref_t[1]:5.2f}x torch)" if ref_t and ref_t[1] else "")
+                line += f"  fwd+bwd {tb * 1e3:9.1f} ms"
+                if ref_t and ref_t[1]:
+                    line += f" ({tb / ref_t[1]:5.2f}x torch)"
             print(line + f"  compile {comp:.2f}s  max|diff| vs torch {err:.1e}", flush=True)
 
 

@@ -21,8 +21,8 @@ import statistics
 import sys
 import tempfile
 import time
-import machine
 
+import machine
 
 
 def _pass(loader, epoch=0):
@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     from vfm_align.data.tasks import get_task
 
     print(f"machine: {machine.describe()}")
-    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()} (on a shared machine timings are noisy)")
-    print(f"cases {args.cases}, shape {shape}, batch {args.batch}, loader threads {args.threads}, workers {args.workers}, task {args.task}")
+    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()} "
+          "(on a shared machine timings are noisy)")
+    print(f"cases {args.cases}, shape {shape}, batch {args.batch}, loader threads {args.threads}, "
+          f"workers {args.workers}, task {args.task}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         manifest = make_phantom(os.path.join(tmp, "ph"), args.cases, shape=shape, seed=0, progress=False)

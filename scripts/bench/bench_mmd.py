@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 
+import machine
 import numpy as np
 from timing import sample_times
-import machine
 
 D = 768
 
@@ -196,7 +196,8 @@ def main():
     import jax
 
     print(f"machine: {machine.describe()}")
-    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+    print(f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
     for p in args.parts:
         out = subprocess.run([sys.executable, __file__, "--child", p], capture_output=True, text=True)
         if out.returncode:

@@ -17,13 +17,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 from flax import nnx
+from timing import sample_times
 
 from vfm_align.models.convnext3d import ConvNeXt3DConfig
 from vfm_align.models.registry import build_model
-from timing import sample_times
-import machine
 
 
 def torch_convnext(params, cfg):
@@ -54,7 +54,8 @@ def torch_convnext(params, cfg):
             for s, depth in enumerate(cfg.depths):
                 for b in range(depth):
                     p = params["stages"][s][b]
-                    self.blocks.append((s, t(np.asarray(p["dwconv_kernel"]).transpose(3, 0, 1, 2)[:, None]), t(p["dwconv_bias"]),
+                    dw = t(np.asarray(p["dwconv_kernel"]).transpose(3, 0, 1, 2)[:, None])
+                    self.blocks.append((s, dw, t(p["dwconv_bias"]),
                                         {k: t(v) for k, v in p["norm"].items()},
                                         t(np.asarray(p["pwconv1"]["kernel"]).T), t(p["pwconv1"]["bias"]),
                                         t(p["grn"]["gamma"]), t(p["grn"]["beta"]),
@@ -106,7 +107,8 @@ def main():
     for s, depth in enumerate(cfg.depths):
         for b in range(depth):
             for name in ("gamma", "beta"):
-                params["stages"][s][b]["grn"][name] = jnp.asarray(rng.normal(0, 0.3, params["stages"][s][b]["grn"][name].shape), jnp.float32)
+                grn = params["stages"][s][b]["grn"]
+                grn[name] = jnp.asarray(rng.normal(0, 0.3, grn[name].shape), jnp.float32)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
@@ -119,7 +121,8 @@ def main():
     xn = rng.standard_normal((1, *size, 3)).astype(np.float32)
     x = jax.device_put(jnp.asarray(xn))
     print(f"machine: {machine.describe()}")
-    print(f"jax {jax.__version__} backend {jax.default_backend()} dwconv_impl {a.dwconv_impl}; torch {torch.__version__} "
+    print(f"jax {jax.__version__} backend {jax.default_backend()} dwconv_impl {a.dwconv_impl}; "
+          f"torch {torch.__version__} "
           f"threads {torch.get_num_threads()}; cpus {os.cpu_count()}; input 1x3x{size[0]}x{size[1]}x{size[2]} float32")
     t0 = time.perf_counter()
     compiled = forward.lower(st, x).compile()
@@ -138,7 +141,8 @@ def main():
             res[name] = (median_time(lambda: net(xt), a.reps), err)
     print(f"  jax    compile {comp:6.2f} s   run median {tj[0]:7.3f} s (IQR {tj[1]:.3f}-{tj[2]:.3f})")
     for name, ((m, lo, hi), err) in res.items():
-        print(f"  {name:22s} run median {m:7.3f} s (IQR {lo:.3f}-{hi:.3f})   max|jax - torch| on the embedding {err:.1e}")
+        print(f"  {name:22s} run median {m:7.3f} s (IQR {lo:.3f}-{hi:.3f})   "
+              f"max|jax - torch| on the embedding {err:.1e}")
     best = min(v[0][0] for v in res.values())
     print(f"  ratio jax / fastest torch: {tj[0] / best:.2f}x")
 

@@ -27,15 +27,15 @@ import os
 import platform
 import time
 
+import machine
 import numpy as np
 from timing import interleaved_times
-import machine
 
 
 def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, regs: int = 4, classes: int = 4):
     import torch
-    from torch import nn
     import torch.nn.functional as F
+    from torch import nn
 
     class Attn(nn.Module):
         def __init__(self):
@@ -113,7 +113,8 @@ def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, re
             p = bb.patch_embed.proj(x).flatten(2).transpose(1, 2)
             g = h // 14
             grid = bb.pos_embed[:, 1:].reshape(1, 37, 37, dim).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(g, g), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, -1, dim)
+            grid = F.interpolate(grid, size=(g, g), mode="bicubic", antialias=True)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
             cls = bb.cls_token + bb.pos_embed[:, :1]
             t = torch.cat([cls.expand(b, -1, -1), bb.register_tokens.expand(b, -1, -1),
                            self.axis_pos(pos[:, 0:1])[:, None], self.axis_max(pos[:, 1:2])[:, None], p + grid], 1)
@@ -186,15 +187,18 @@ def main() -> None:
     def jax_tokens(state, x, pos):
         return nnx.merge(graphdef, state).tokens(x, pos)[0]
 
-    print(f"attention: {'jax.nn.dot_product_attention (naive baseline)' if args.attention == 'xla' else 'project default'}")
-    print(f"ProViCNet full size: depth {cfg.depth}, width {cfg.embed_dim}, MLP {cfg.mlp_hidden}, {cfg.num_heads} heads, "
+    attention = "jax.nn.dot_product_attention (naive baseline)" if args.attention == "xla" else "project default"
+    print(f"attention: {attention}")
+    print(f"ProViCNet full size: depth {cfg.depth}, width {cfg.embed_dim}, MLP {cfg.mlp_hidden}, "
+          f"{cfg.num_heads} heads, "
           f"{cfg.num_registers} registers; batch {args.batch} x {args.size}x{args.size}x3 float32")
     print(f"machine: {machine.describe()}")
     print(f"jax {jax.__version__} ({jax.default_backend()}, {len(jax.devices())} device(s)), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
-    cases = [("encoder", "encoder (normed tokens)", jax_tokens, net.tokens), ("full", "full model (logits)", jax_logits, net)]
+    cases = [("encoder", "encoder (normed tokens)", jax_tokens, net.tokens),
+             ("full", "full model (logits)", jax_logits, net)]
     for key, name, jfn, tfn in cases:
         if args.only and key != args.only:
             continue
@@ -206,8 +210,9 @@ def main() -> None:
             tfn(x_t, pos_t)
             out = np.asarray(jax.block_until_ready(compiled(state, x_j, pos_j)))
             jax.block_until_ready(compiled(state, x_j, pos_j))
-            ts = interleaved_times({"jax": lambda: jax.block_until_ready(compiled(state, x_j, pos_j)),
-                                    "torch": lambda: tfn(x_t, pos_t)}, args.reps)
+            # Defaults bind this case's executable and module (the calls all happen in this iteration anyway).
+            ts = interleaved_times({"jax": lambda c=compiled: jax.block_until_ready(c(state, x_j, pos_j)),
+                                    "torch": lambda f=tfn: f(x_t, pos_t)}, args.reps)
         t_jax, t_torch = ts["jax"], ts["torch"]
         if out.ndim == 4:
             out = out.transpose(0, 3, 1, 2)

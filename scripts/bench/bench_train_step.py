@@ -17,6 +17,7 @@ import platform
 import time
 
 import jax
+import machine
 import numpy as np
 
 from vfm_align.data.tasks import get_task
@@ -27,7 +28,6 @@ from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import create_state
 from vfm_align.train.step import jit_train_step, make_feature_step, make_train_step, task_objective
-import machine
 
 
 def bench(backbone, task, variant, reps):
@@ -88,13 +88,16 @@ def main():
     ap.add_argument("--backbones", default="profound_conv,provicnet")
     args = ap.parse_args()
     print(f"machine: {machine.describe()}")
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {platform.processor() or platform.machine()}, "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
+          f"{platform.processor() or platform.machine()}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, float32, variant {args.variant}, task {args.task}; "
           "no persistent compilation cache")
-    print(f"{'backbone':<15}{'compile s':>10}{'step ms':>10}{'IQR ms':>9}{'img/s':>8}{'align ms':>10}{'K':>6}{'overhead':>10}")
+    print(f"{'backbone':<15}{'compile s':>10}{'step ms':>10}{'IQR ms':>9}{'img/s':>8}"
+          f"{'align ms':>10}{'K':>6}{'overhead':>10}")
     for bb in args.backbones.split(","):
         r = bench(bb, args.task, args.variant, args.reps)
-        print(f"{r['backbone']:<15}{r['compile']:>10.1f}{r['step'] * 1e3:>10.1f}{r['iqr'] * 1e3:>9.1f}{r['img_s']:>8.2f}"
+        print(f"{r['backbone']:<15}{r['compile']:>10.1f}{r['step'] * 1e3:>10.1f}{r['iqr'] * 1e3:>9.1f}"
+              f"{r['img_s']:>8.2f}"
               f"{r['align'] * 1e3:>10.1f}{r['every']:>6}{r['overhead'] * 100:>9.2f}%")
 
 

@@ -18,8 +18,18 @@ from vfm_align.align.mmd import exact_mmd2, mmd, mmd_fn
 from vfm_align.align.permutation import TestResult, mmd_test, p_value
 from vfm_align.align.rff import feature_sums, features, mmd2_from_sums, rff_frequencies, rff_mmd2
 from vfm_align.align.transferability import (
-    SCORES, LogMEFit, early_alignment, hard_labels, hscore, logme, logme_fit, picks_better, pool_to_grid, rankme,
-    scores_for_task, transrate,
+    SCORES,
+    LogMEFit,
+    early_alignment,
+    hard_labels,
+    hscore,
+    logme,
+    logme_fit,
+    picks_better,
+    pool_to_grid,
+    rankme,
+    scores_for_task,
+    transrate,
 )
 
 __all__ = [

@@ -14,7 +14,8 @@ import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -49,7 +50,8 @@ def _rows(feats: dict, site: str, batch_index: int) -> np.ndarray:
     if a.ndim == 3:  # (N, T, E) tokens -> N*T rows
         a = a.reshape(-1, a.shape[-1])
     if a.ndim != 2:
-        raise DataError(f"feature site '{site}': expected (N, E) or (N, T, E), got shape {a.shape} in batch {batch_index}")
+        raise DataError(
+            f"feature site '{site}': expected (N, E) or (N, T, E), got shape {a.shape} in batch {batch_index}")
     if not np.isfinite(a).all():
         raise DataError(f"feature site '{site}': non-finite value (NaN or inf) in batch {batch_index}")
     return a
@@ -91,7 +93,8 @@ def extract_bank(feature_fn: Callable[[Any], dict], batches: Iterable, path: str
                         if num_rows is not None:
                             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(num_rows, width))
                     elif a.shape[1] != width:
-                        raise DataError(f"feature site '{site}': width changed from {width} to {a.shape[1]} in batch {b}")
+                        raise DataError(
+                            f"feature site '{site}': width changed from {width} to {a.shape[1]} in batch {b}")
                     if num_rows is None:
                         sink.write(np.ascontiguousarray(a).tobytes())
                     else:
@@ -123,7 +126,7 @@ def extract_bank(feature_fn: Callable[[Any], dict], batches: Iterable, path: str
         "shape": [total, width],
         "dtype": "float32",
         "rows_per_input": rows_per_input,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "provenance": provenance or {},
     }
     write_json(side, meta, default=repr)

@@ -110,7 +110,8 @@ def paired_measures(x, y, *, chunk_rows: int = CHUNK_ROWS) -> dict:
 
 
 def linear_cka_jax(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Jittable in-memory linear CKA (float32, for training loops), feature form: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
+    """Jittable in-memory linear CKA (float32, for training loops), feature form:
+    ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)."""
     hi = jax.lax.Precision.HIGHEST
     xc = x - x.mean(0)
     yc = y - y.mean(0)

@@ -9,7 +9,7 @@ len(sigmas) for alibi-detect's mean convention.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

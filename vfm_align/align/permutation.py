@@ -211,7 +211,8 @@ def mmd_test(x, y, num_permutations: int = 1000, paired: bool = False, *, kernel
     check_pair(x, y, check_finite=False)
     check_estimator(estimator, len(x), len(y))
     if paired and len(x) != len(y):
-        raise DataError(f"paired test needs banks of equal size (row i of x pairs with row i of y), got {len(x)} and {len(y)}")
+        raise DataError(
+            f"paired test needs banks of equal size (row i of x pairs with row i of y), got {len(x)} and {len(y)}")
     n, m = len(x), len(y)
     sigmas = resolve_sigmas(sigma, x, y, seed=seed)
     if method == "exact":
@@ -225,5 +226,6 @@ def mmd_test(x, y, num_permutations: int = 1000, paired: bool = False, *, kernel
         null = _stat_from_sums(perm_sx, (sx + sy)[None, :] - perm_sx, n, m, k0, f, estimator)
     else:
         raise ConfigError(f"unknown method '{method}'; expected 'rff' or 'exact'")
-    return TestResult(statistic=stat, p_value=p_value(stat, null), null=np.asarray(null), num_permutations=num_permutations,
-                      paired=paired, method=method, estimator=estimator, sigmas=tuple(sigmas), n=n, m=m)
+    return TestResult(statistic=stat, p_value=p_value(stat, null), null=np.asarray(null),
+                      num_permutations=num_permutations, paired=paired, method=method, estimator=estimator,
+                      sigmas=tuple(sigmas), n=n, m=m)

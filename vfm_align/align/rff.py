@@ -18,7 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vfm_align.align import sorf
 from vfm_align.align.stream import read_rows
@@ -168,7 +169,7 @@ def _local_sums(x, freqs):
     return acc, jnp.all(jnp.isfinite(acc))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sums_fn(mesh):
     if mesh is None:
         return jax.jit(_local_sums)
@@ -246,7 +247,8 @@ def _combine(xx, yy, xy, n: int, m: int, k0: int, estimator: str):
     raise ConfigError(f"estimator '{estimator}' is not available with random features (use 'unbiased' or 'biased')")
 
 
-def mmd2_from_sums(sx, sy, n: int, m: int, *, k0: int, estimator: str = "unbiased", num_features: int | None = None) -> float:
+def mmd2_from_sums(sx, sy, n: int, m: int, *, k0: int, estimator: str = "unbiased",
+                   num_features: int | None = None) -> float:
     """MMD^2 from unscaled feature sums. k0 = number of bandwidths; F = frequencies per bandwidth."""
     sx = np.asarray(sx, np.float64)
     sy = np.asarray(sy, np.float64)

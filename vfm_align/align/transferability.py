@@ -300,8 +300,9 @@ def hscore(x, labels, *, shrinkage: float | str = "ledoit_wolf") -> float:
     else:
         try:
             s = float(shrinkage)
-        except (TypeError, ValueError):
-            raise ConfigError(f"hscore shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"hscore shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}") from exc
         if not 0.0 <= s <= 1.0:
             raise ConfigError(f"hscore shrinkage must be in [0, 1], got {s}")
         lw = False

@@ -46,7 +46,8 @@ def run(args) -> int:
     config = info.pop("config")
     out = save_model(model, info["arch"], config, args.out, extra={"provenance": info}, overwrite=args.overwrite)
     print(f"converted {args.src} -> {out}")
-    print(f"  arch {info['arch']}; {len(info['used'])} keys used, {len(info['ignored'])} ignored; sha256 {info['sha256'][:16]}…")
+    print(f"  arch {info['arch']}; {len(info['used'])} keys used, {len(info['ignored'])} ignored; "
+          f"sha256 {info['sha256'][:16]}…")
     for key, why in list(info["ignored"].items())[:10]:
         print(f"  ignored {key}: {why}")
     if len(info["ignored"]) > 10:

@@ -27,7 +27,8 @@ def register(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cases", type=int, default=200, help="number of cases (default 200)")
-    p.add_argument("--shape", type=str, default="32,96,96", help="grid D,H,W (default 32,96,96; fixed 80x96x96 mm field of view)")
+    p.add_argument("--shape", type=str, default="32,96,96",
+                   help="grid D,H,W (default 32,96,96; fixed 80x96x96 mm field of view)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPU cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder made with other settings")

@@ -25,7 +25,8 @@ def register(sub) -> None:
     src.add_argument("--before", metavar="DIR", help="model directory before fine-tuning")
     src.add_argument("--after", metavar="DIR", help="model directory after fine-tuning (same arch and config)")
     src.add_argument("--data", metavar="MANIFEST", help="cohort manifest (CSV or JSON)")
-    src.add_argument("--split", default=None, choices=("train", "val", "test"), help="use one split only (default: all)")
+    src.add_argument("--split", default=None, choices=("train", "val", "test"),
+                     help="use one split only (default: all)")
     src.add_argument("--cache", default=None, metavar="DIR",
                      help="preprocessing cache (default: .vfm_align_cache beside the manifest)")
     src.add_argument("--before-bank", metavar="NPY", help="precomputed bank (rows, width) instead of --before/--data")

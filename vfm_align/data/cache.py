@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vfm_align.atomic import atomic_dir
-from vfm_align.data.cohort import MASKS, Case, Cohort, summarise_bad, check_masks, load_case
+from vfm_align.data.cohort import MASKS, Case, Cohort, check_masks, load_case, summarise_bad
 from vfm_align.data.nifti import load_volume
 from vfm_align.data.resample import resample_onto, resample_to_spacing, to_canonical
 from vfm_align.errors import DataError
@@ -135,7 +135,8 @@ class PreprocessCache:
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, default=list)
         if not self.is_fresh(case):
-            raise DataError(f"case {case.case_id}: the cache entry {final} was replaced by a different one while writing")
+            raise DataError(
+                f"case {case.case_id}: the cache entry {final} was replaced by a different one while writing")
 
     def get(self, case: Case) -> dict:
         """The cached arrays of ``case`` as read-only memmaps (preprocessing it first if needed)."""

@@ -67,7 +67,8 @@ def check_same_grid(volumes: dict[str, Volume], *, atol: float = 1e-3) -> None:
     for name, vol in items[1:]:
         if vol.data.shape != ref.data.shape:
             raise DataError(
-                f"{vol.path}: {name} has shape {vol.data.shape} (D,H,W) but {ref_name} ({ref.path}) has {ref.data.shape}; "
+                f"{vol.path}: {name} has shape {vol.data.shape} (D,H,W) but {ref_name} ({ref.path}) "
+                f"has {ref.data.shape}; "
                 "resample/co-register onto one grid first"
             )
         if not np.allclose(vol.affine, ref.affine, atol=atol):
@@ -81,7 +82,8 @@ def save_like(data: np.ndarray, ref: Volume, path: str | os.PathLike, *, dtype=n
     """Write a (D, H, W) array onto ``ref``'s grid (affine and header geometry), atomically."""
     path = os.fspath(path)
     if data.shape != ref.data.shape:
-        raise DataError(f"{path}: array shape {data.shape} does not match the reference grid {ref.data.shape} ({ref.path})")
+        raise DataError(
+            f"{path}: array shape {data.shape} does not match the reference grid {ref.data.shape} ({ref.path})")
     header = ref.header.copy()
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype).transpose(2, 1, 0), ref.affine, header)

@@ -144,7 +144,7 @@ def render_case(spec: dict, cfg: PhantomConfig = PhantomConfig()) -> dict:
     def box(center, radii):
         """Index slices of the voxels that can lie within an ellipsoid (None radius = whole axis)."""
         out = []
-        for ax, c, r, s in zip(axes, center, radii, sp):
+        for ax, c, r in zip(axes, center, radii):
             if r is None:
                 out.append(slice(None))
                 continue
@@ -233,7 +233,8 @@ def render_case(spec: dict, cfg: PhantomConfig = PhantomConfig()) -> dict:
     for _ in range(2):
         coef = br.uniform(-1, 1, size=6)
         zz, yy, xx = (z / 40.0, y / 48.0, x / 48.0)
-        f = coef[0] * zz + coef[1] * yy + coef[2] * xx + 0.5 * (coef[3] * yy * yy + coef[4] * xx * xx + coef[5] * yy * xx)
+        f = (coef[0] * zz + coef[1] * yy + coef[2] * xx
+             + 0.5 * (coef[3] * yy * yy + coef[4] * xx * xx + coef[5] * yy * xx))
         fields.append(np.exp(cfg.bias * f / 2.0).astype(np.float32))
     t2 = t2 * fields[0]
     s0 = s0 * fields[1]
@@ -288,7 +289,8 @@ def _make_one(args):
     aff = affine_for(cfg)
     rel = {}
     os.makedirs(os.path.join(out, case_id), exist_ok=True)
-    for name, dtype in (("t2w", np.uint16), ("adc", np.uint16), ("dwi", np.uint16), ("gland", np.uint8), ("lesion", np.uint8)):
+    volumes = (("t2w", np.uint16), ("adc", np.uint16), ("dwi", np.uint16), ("gland", np.uint8), ("lesion", np.uint8))
+    for name, dtype in volumes:
         rel[name] = f"{case_id}/{name}.nii.gz"
         data = vols[name]
         if dtype == np.uint16:

@@ -56,7 +56,8 @@ class ProViCNetPrediction:
     gland: np.ndarray | None = None  # the predicted gland mask (uint8) when it came from the first pass
 
 
-def normalize_volume(image: np.ndarray, gland: np.ndarray, *, source: str = "image", mask_source: str = "mask") -> np.ndarray:
+def normalize_volume(image: np.ndarray, gland: np.ndarray, *, source: str = "image",
+                     mask_source: str = "mask") -> np.ndarray:
     """/255, then z-score with the statistics of the voxels inside the gland (gland == 1)."""
     x = (image.astype(np.float64) / 255.0).astype(np.float32)
     inside = gland == 1
@@ -124,7 +125,7 @@ def _model_input_size(model) -> int:
     return model.config.img_size
 
 
-_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {what: runner}, reused across cases
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {what: runner}, reused across cases
 
 
 def _runner(model, what: str):
@@ -302,7 +303,8 @@ def output_paths(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     return paths
 
 
-def write_prediction(pred: ProViCNetPrediction, out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict[str, str]:
+def write_prediction(pred: ProViCNetPrediction, out_dir: str | os.PathLike, *,
+                     overwrite: bool = False) -> dict[str, str]:
     """Write ``cancer_prob.nii.gz`` (float32) and ``cancer_label.nii.gz`` (uint8) onto the input grid."""
     paths = output_paths(out_dir, overwrite=overwrite)
     save_like(pred.prob, pred.reference, paths["prob"], dtype=np.float32)

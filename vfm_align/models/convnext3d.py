@@ -35,7 +35,7 @@ class ConvNeXt3DConfig:
     def tiny(cls, **kw):
         return cls(**kw)
 
-    def encoder_config(self) -> "ConvNeXt3DConfig":
+    def encoder_config(self) -> ConvNeXt3DConfig:
         names = {f.name for f in dataclasses.fields(ConvNeXt3DConfig)}
         return ConvNeXt3DConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 

@@ -84,7 +84,8 @@ class FCMAE(nnx.Module):
         self.mask_token = nnx.Param(jnp.zeros((e,)))
         dec_cfg = dataclasses.replace(config.encoder_config(), drop_path_rate=0.0)
         self.decoder = nnx.List([Block(e, dec_cfg, 0.0, rngs=rngs) for _ in range(config.decoder_depth)])
-        self.pred = Conv1(e, config.in_chans * config.patch_size[0] * config.patch_size[1] * config.patch_size[2], rngs=rngs)
+        pd, ph, pw = config.patch_size[:3]
+        self.pred = Conv1(e, config.in_chans * pd * ph * pw, rngs=rngs)
 
     def _keeps(self, mask):
         """Visibility masks (N, d, h, w, 1) at each stage's resolution (strides 4, 8, 16, 16)."""

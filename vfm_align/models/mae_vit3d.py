@@ -58,7 +58,7 @@ class MaeViT3dConfig:
                                   f"{self.num_patches}")
 
     @classmethod
-    def large(cls, **kw) -> "MaeViT3dConfig":
+    def large(cls, **kw) -> MaeViT3dConfig:
         """The reference ``mae_vit_large_patch16`` factory: 1024 wide, 24 blocks, 16 heads, same decoder."""
         return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_dim": 4096, **kw})
 
@@ -171,7 +171,8 @@ class MaeViT3d(nnx.Module):
     def _check_input(self, x: jax.Array) -> tuple[int, int, int]:
         c = self.config
         if x.ndim != 5 or x.shape[-1] != c.in_chans:
-            raise DataError(f"MAE-ViT expects (N, D, H, W, {c.in_chans}) channels-last input, got shape {tuple(x.shape)}")
+            raise DataError(
+                f"MAE-ViT expects (N, D, H, W, {c.in_chans}) channels-last input, got shape {tuple(x.shape)}")
         if c.img_size is not None and tuple(x.shape[1:4]) != tuple(c.img_size):
             raise DataError(f"MAE-ViT was built for volumes (D,H,W)={tuple(c.img_size)}; got {tuple(x.shape[1:4])} "
                             "(its positional table is tied to that grid)")
@@ -201,7 +202,8 @@ class MaeViT3d(nnx.Module):
 
     def _encode_tokens(self, tokens: jax.Array, hidden: list | None = None) -> jax.Array:
         cls = self.cls_token.get_value() + self.pos_embed.get_value()[:, :1]
-        x = jnp.concatenate([jnp.broadcast_to(cls, (tokens.shape[0], 1, cls.shape[-1])).astype(tokens.dtype), tokens], axis=1)
+        cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, cls.shape[-1])).astype(tokens.dtype)
+        x = jnp.concatenate([cls, tokens], axis=1)
         for blk in self.blocks:
             x = blk(x)
             if hidden is not None:

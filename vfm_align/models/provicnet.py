@@ -336,7 +336,8 @@ class ProViCNetFusion(nnx.Module):
     def __call__(self, *tokens: jax.Array) -> jax.Array:
         """Each argument (N, T, E) patch tokens of a square grid, in config.sequences order -> (N, 8g, 8g, K)."""
         if len(tokens) != len(self.config.sequences):
-            raise ValueError(f"expected {len(self.config.sequences)} token sets {self.config.sequences}, got {len(tokens)}")
+            raise ValueError(
+                f"expected {len(self.config.sequences)} token sets {self.config.sequences}, got {len(tokens)}")
         maps = []
         for name, tok in zip(self.config.sequences, tokens):
             n, t, e = tok.shape

@@ -21,8 +21,9 @@ class RestorationDecoder(nnx.Module):
     def __init__(self, feat_dim: int, in_channels: int, out_channels: int, *, hidden: int = 32, ndim: int = 3,
                  residual: bool = True, residual_from: int = 0, rngs: nnx.Rngs):
         if residual and residual_from + out_channels > in_channels:
-            raise ValueError(f"residual decoder adds input channels {residual_from}..{residual_from + out_channels - 1}, "
-                             f"but the input has {in_channels}")
+            raise ValueError(
+                f"residual decoder adds input channels {residual_from}..{residual_from + out_channels - 1}, "
+                f"but the input has {in_channels}")
         k1, k3 = (1,) * ndim, (3,) * ndim
         self.residual = residual
         # The input channels the correction is added to: the degraded versions of the targets

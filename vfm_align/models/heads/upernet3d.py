@@ -51,7 +51,8 @@ class UperHead(nnx.Module):
 
     def psp(self, x):
         size = x.shape[1:4]
-        outs = [x] + [resize_trilinear(m(adaptive_avg_pool3d(x, s)), size) for s, m in zip(self.pool_scales, self.psp_modules)]
+        outs = [x] + [resize_trilinear(m(adaptive_avg_pool3d(x, s)), size)
+                      for s, m in zip(self.pool_scales, self.psp_modules)]
         return self.bottleneck(jnp.concatenate(outs, axis=-1))
 
     def __call__(self, feats):
