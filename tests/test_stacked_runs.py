@@ -13,8 +13,16 @@ from vfm_align.train.loop import build_task_model, train_loop
 from vfm_align.train.optim import make_optimizer
 from vfm_align.train.recipes import base_config
 from vfm_align.train.state import create_state
-from vfm_align.train.step import (jit_train_step, make_stacked_step, make_train_step, stack_states,
-                                  stacked_batch_sharding, stacked_shardings, task_objective, unstack_state)
+from vfm_align.train.step import (
+    jit_train_step,
+    make_stacked_step,
+    make_train_step,
+    stack_states,
+    stacked_batch_sharding,
+    stacked_shardings,
+    task_objective,
+    unstack_state,
+)
 
 STEPS = 3
 SEEDS = (0, 0, 4)  # two runs share a seed (the pretrained / random pair of the study), one has its own

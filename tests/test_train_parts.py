@@ -125,11 +125,13 @@ def test_grad_accumulation_equals_one_big_step():
 
 
 def test_slices_shift_inward_at_the_edges():
-    np.testing.assert_array_equal(np.asarray(window_index(5, 3)), [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]])
+    np.testing.assert_array_equal(np.asarray(window_index(5, 3)),
+                                  [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]])
     x = jnp.arange(2 * 4 * 2 * 2 * 3, dtype=jnp.float32).reshape(2, 4, 2, 2, 3)
     s, pos = volume_to_slices(x, channel=1, window=3, size=None)
     assert s.shape == (8, 2, 2, 3)
-    np.testing.assert_array_equal(np.asarray(s[5, :, :, 2]), np.asarray(x[1, 2, :, :, 1]))  # case 1, slice 1 -> slices 0..2
+    # case 1, slice 1 -> slices 0..2
+    np.testing.assert_array_equal(np.asarray(s[5, :, :, 2]), np.asarray(x[1, 2, :, :, 1]))
     np.testing.assert_array_equal(np.asarray(pos[5]), [1.0, 4.0])
     with pytest.raises(ConfigError, match="fewer than the 2.5D window"):
         window_index(2, 3)
@@ -227,8 +229,8 @@ def test_bfloat16_compute_keeps_float32_weights_and_follows_the_float32_step():
     """train.compute_dtype=bfloat16: the forward/backward run in bf16 on float32 master weights, so the
     loss and the update agree with the float32 step to bf16 precision and the weights stay float32."""
     from train_toy import make_task
-    from vfm_align.train import mesh as M
     from vfm_align.data.tasks import get_task
+    from vfm_align.train import mesh as M
     from vfm_align.train.loop import build_task_model
     from vfm_align.train.optim import make_optimizer
     from vfm_align.train.recipes import base_config

@@ -26,7 +26,9 @@ def register(sub) -> None:
                         "detection,tiny (backbones: profound_conv, profound_mae, provicnet)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-    p.epilog = "Overrides: --config.SECTION.KEY=VALUE (repeatable), e.g. --config.optim.lr=1e-4 --config.train.steps=200"
+    p.epilog = (
+        "Overrides: --config.SECTION.KEY=VALUE (repeatable), e.g. --config.optim.lr=1e-4 --config.train.steps=200"
+    )
     accept_config_overrides(p)
 
 

@@ -25,9 +25,9 @@ def run(args) -> int:
 
     import numpy as np
 
+    from vfm_align.config_file import load_config
     from vfm_align.errors import CheckpointError
     from vfm_align.study import taskdata
-    from vfm_align.config_file import load_config
     from vfm_align.study.pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides)
