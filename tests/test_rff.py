@@ -103,6 +103,19 @@ def test_streaming_from_memmap_equals_in_memory(tmp_path, shifted):
     assert abs(got - mmd(x, y, sigma=3.0, method="rff", num_features=512, seed=1)) < 1e-7
 
 
+def test_jax_array_in_one_call_equals_float64_and_reports_bad_row(shifted):
+    # A jax array takes one device call over all rows: 400 = one 256-row block and a 144-row tail, no padding.
+    x, _ = shifted
+    w = rff_frequencies(16, 512, [3.0], seed=1)
+    th = x.astype(np.float64) @ w.astype(np.float64)
+    got = feature_sums(jnp.asarray(x), w)
+    np.testing.assert_allclose(got, np.concatenate([np.cos(th).sum(0), np.sin(th).sum(0)]), rtol=0, atol=2e-3)
+    bad = x.copy()
+    bad[350, 3] = np.nan  # in the tail block
+    with pytest.raises(DataError, match="row 350"):
+        feature_sums(jnp.asarray(bad), w)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_streaming_reports_non_finite_row(tmp_path, shifted, value):
     x, y = shifted
