@@ -99,6 +99,21 @@ def test_mmd2_is_zero_at_step_0_for_every_run_and_uses_the_pairs_sigma(quick):
         assert run["sigma"] == results["design"]["sigma"][f"{run['backbone']}/{run['task']}"], key
 
 
+def test_transferability_scores_per_run_and_against_gain(quick):
+    cfg, out, results = quick
+    from vfm_align.align.transferability import SCORES
+
+    for run in results["runs"].values():  # scored on the pretrained model, before fine-tuning
+        assert ("transfer" in run) == (run["init"] == "pretrained")
+    tr = results["transferability"]
+    assert set(tr) == set(SCORES)
+    rankme = tr["rankme"]  # defined for any features: one value per pair, in the statistics
+    assert len(rankme["values"]) == 10 and all(v is not None and v >= 0.99 for v in rankme["values"].values())
+    assert rankme["correlations"]["rankme~gap_closed/spearman"]["n"] == 10
+    assert rankme["picks_better"]["pairs"] <= 5
+    assert "transferability_vs_gain.png" in os.listdir(os.path.join(out, "figures"))
+
+
 def test_resume_with_a_changed_config_refuses_or_recomputes(quick, tmp_path):
     cfg, out, results = quick
     part = str(tmp_path / "c")

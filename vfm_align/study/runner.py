@@ -195,6 +195,8 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
         if sigma is None and todo[0][0] != "pretrained":
             raise ConfigError(f"{b.name}/{t}: the pair's kernel comes from a pretrained run; "
                               "finetune.stack must keep one in the first group")
+        transfer = (transfer_scores(pretrained, meta["arch"], cohort, t, int(cfg.seed))
+                    if any(i == "pretrained" for i, _, _ in todo) else None)  # before fine-tuning donates the weights
         runs = [Run(pretrained if init == "pretrained" else None, seed) for init, seed, _ in todo]
         results = run_finetunes(b.backbone, config, runs, t, task_data[t], probe, cfg.finetune, mesh, sigma=sigma,
                                 desc=f"{label} {b.name}/{t} x{len(runs)}", progress=progress, stop=stop)
@@ -209,7 +211,8 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
                             "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0]),
                             "null_q95": float(np.quantile(null, 0.95)), "null_sd": float(null.std())}
             write_json(path, {"backbone": b.name, "model": b.backbone, "family": BACKBONES[b.backbone].family,
-                              "task": t, "init": init, "seed": seed, "tests": tests, **res})
+                              "task": t, "init": init, "seed": seed, "tests": tests, **res,
+                              **({"transfer": transfer} if init == "pretrained" else {})})
             note = "" if res["diverged_step"] is None else f" (diverged at step {res['diverged_step']})"
             console.log(f"{label} {b.name} / {t} / {init} / seed {seed}: test {res['metric_name']} "
                         f"{res['final_metric']:.4f}{note}")
@@ -227,6 +230,19 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
 
     write_report(results, out_dir)
     return results
+
+
+def transfer_scores(model, arch: str, cohort: dict, task_name: str, seed: int) -> dict:
+    """The transferability scores (LogME, H-score, TransRate, RankMe) of the pretrained model's frozen features
+    on the fine-tuning cohort's training cases for one task: what could be known before fine-tuning."""
+    from vfm_align.align.banks import model_feature_fn, task_feature_rows
+    from vfm_align.align.transferability import scores_for_task
+
+    task = get_task(task_name, seed=seed)
+    fn = model_feature_fn(model, arch, ("pooled", "patch"))
+    rows = [task_feature_rows(model, arch, s, task, fn) for s, sp in zip(cohort["samples"], cohort["split"])
+            if sp == "train"]
+    return scores_for_task(np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows]), task.kind)
 
 
 def _saved_sigma(out_dir, backbone, task):
@@ -320,7 +336,8 @@ def summarise(cfg, out_dir: str, design: dict) -> dict:
                     num_permutations=int(cfg.num_correlation_permutations), seed=int(cfg.seed))
     measure = f"mmd2_{site}"
     results = {"design": design, "primary_site": site, "primary_measure": measure, "primary_target": "gap_closed",
-               **stats, "runs": runs, "finding": describe_finding(stats, measure)}
+               **stats, "runs": runs, "finding": describe_finding(stats, measure),
+               "transferability": transferability(cfg, runs, stats["pairs"], info)}
     write_json(os.path.join(out_dir, "results.json"), results)
     rows = []
     for p in stats["pairs"]:
@@ -334,3 +351,28 @@ def summarise(cfg, out_dir: str, design: dict) -> dict:
         w.writeheader()
         w.writerows(rows)
     return results
+
+
+def transferability(cfg, runs: dict, pairs: list, info: dict) -> dict:
+    """Per score: its value per pair, its correlations with gap closed (the statistics of :func:`analyse`, a
+    higher score predicting a larger gain) and how often it picks the backbone that gained more within a task."""
+    from vfm_align.align.transferability import SCORES, picks_better
+
+    out = {}
+    gains = {(p["backbone"], p["task"]): p["gap_closed"]["mean"] for p in pairs}
+    for score in SCORES:
+        value = {(r["backbone"], r["task"]): r["transfer"].get(score) for r in runs.values()
+                 if r["init"] == "pretrained" and r.get("transfer")}
+        records = [{**run_record(r, ()), score: value.get((r["backbone"], r["task"]))} for r in runs.values()]
+        for rec in records:
+            if rec[score] is None:
+                rec[score] = float("nan")  # excluded (with its reason) from this score's statistics only
+        stats = analyse(records, info, measures=(score,), targets=("gap_closed",), gain_floor=float(cfg.gain_floor),
+                        num_bootstrap=int(cfg.num_bootstrap), num_permutations=int(cfg.num_correlation_permutations),
+                        seed=int(cfg.seed), aligned_when_lower=lambda m: False)
+        rows = [{"task": t, "backbone": b, score: v, "gain": gains.get((b, t))} for (b, t), v in value.items()]
+        out[score] = {"values": {f"{b}/{t}": v for (b, t), v in value.items()},
+                      "correlations": stats["correlations"], "within_task": stats["within_task"],
+                      "picks_better": picks_better(rows, score, outcome="gain"),
+                      "runs_excluded": stats["counts"]["runs_excluded"]}
+    return out
