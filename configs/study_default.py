@@ -44,6 +44,8 @@ def get_config(pretrain_steps=400, finetune_steps=150, cases=128, seeds=3):
                       slice_channel=0, slice_window=3, augment=True, probe_cases=32, seeds=seeds, stack=0,
                       sites=["pooled", "patch"], rff_features=1024, max_rows=2048,
                       optim=pretrain_optim(lr=5e-4, warmup=2)),
+        # transferability scores of each pretrained model before fine-tuning, on this many training cases (0: off)
+        transfer_cases=16,
         workers=2,  # pairs run two at a time (threads): sooner on 2 cores, same numbers as 1
         primary_site="pooled",
         gain_floor=0.05,  # secondary gain: relative gain = (pretrained - random) / max(|random|, gain_floor)

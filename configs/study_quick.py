@@ -21,6 +21,7 @@ def get_config():
     cfg.cohort.pretrain_cases = 16
     cfg.finetune.eval_every = 2
     cfg.finetune.probe_cases = 8
+    cfg.transfer_cases = 8
     cfg.num_permutations = 200
     cfg.num_bootstrap = 300
     cfg.num_correlation_permutations = 300

@@ -20,20 +20,28 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vfm_align.models.task_model import TaskModel
+from vfm_align.align.kernels import median_sigma
 from vfm_align.data.tasks import get_task
+from vfm_align.models.task_model import TaskModel
 from vfm_align.study import taskdata
 from vfm_align.study.backbones import GridFeatures, fresh_backbone
-from vfm_align.train.recipes import BACKBONES
 from vfm_align.train.data import DrawnBatches
 from vfm_align.train.loop import Hook, train_loop
 from vfm_align.train.mesh import global_batch
-from vfm_align.align.kernels import median_sigma
 from vfm_align.train.monitor import AlignmentMonitor, align_probe
 from vfm_align.train.optim import make_optimizer
+from vfm_align.train.recipes import BACKBONES
 from vfm_align.train.state import abstract_state, create_state, with_backbone
-from vfm_align.train.step import (jit_train_step, make_eval_step, make_feature_step, make_stacked_step,
-                                  stack_states, stacked_batch_sharding, stacked_shardings, task_objective)
+from vfm_align.train.step import (
+    jit_train_step,
+    make_eval_step,
+    make_feature_step,
+    make_stacked_step,
+    stack_states,
+    stacked_batch_sharding,
+    stacked_shardings,
+    task_objective,
+)
 
 
 @dataclass(frozen=True)

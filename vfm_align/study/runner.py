@@ -36,8 +36,14 @@ from vfm_align.data.tasks import get_task
 from vfm_align.errors import ConfigError, Stopped
 from vfm_align.models.registry import config_from_dict
 from vfm_align.study import taskdata
-from vfm_align.study.cohorts import (check_disjoint, choose_probe_cases, count_params, describe_cohort, design_section,
-                                     make_pretraining_phantom)
+from vfm_align.study.cohorts import (
+    check_disjoint,
+    choose_probe_cases,
+    count_params,
+    describe_cohort,
+    design_section,
+    make_pretraining_phantom,
+)
 from vfm_align.study.design import check_resume
 from vfm_align.study.finetune import Run, run_finetunes, steps_to_fraction
 from vfm_align.study.pretrain import pretrain, study_mesh
@@ -195,8 +201,9 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
         if sigma is None and todo[0][0] != "pretrained":
             raise ConfigError(f"{b.name}/{t}: the pair's kernel comes from a pretrained run; "
                               "finetune.stack must keep one in the first group")
-        transfer = (transfer_scores(pretrained, meta["arch"], cohort, t, int(cfg.seed))
-                    if any(i == "pretrained" for i, _, _ in todo) else None)  # before fine-tuning donates the weights
+        transfer = None  # scored before fine-tuning donates the pretrained weights
+        if int(cfg.get("transfer_cases", 0)) and any(i == "pretrained" for i, _, _ in todo):
+            transfer = transfer_scores(pretrained, meta["arch"], cohort, t, int(cfg.seed), int(cfg.transfer_cases))
         runs = [Run(pretrained if init == "pretrained" else None, seed) for init, seed, _ in todo]
         results = run_finetunes(b.backbone, config, runs, t, task_data[t], probe, cfg.finetune, mesh, sigma=sigma,
                                 desc=f"{label} {b.name}/{t} x{len(runs)}", progress=progress, stop=stop)
@@ -232,16 +239,17 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
     return results
 
 
-def transfer_scores(model, arch: str, cohort: dict, task_name: str, seed: int) -> dict:
+def transfer_scores(model, arch: str, cohort: dict, task_name: str, seed: int, cases: int) -> dict:
     """The transferability scores (LogME, H-score, TransRate, RankMe) of the pretrained model's frozen features
-    on the fine-tuning cohort's training cases for one task: what could be known before fine-tuning."""
+    on the first ``cases`` training cases of the fine-tuning cohort for one task: what could be known before
+    fine-tuning (the cap bounds its cost: dense tasks give one row per patch token)."""
     from vfm_align.align.banks import model_feature_fn, task_feature_rows
     from vfm_align.align.transferability import scores_for_task
 
     task = get_task(task_name, seed=seed)
     fn = model_feature_fn(model, arch, ("pooled", "patch"))
-    rows = [task_feature_rows(model, arch, s, task, fn) for s, sp in zip(cohort["samples"], cohort["split"])
-            if sp == "train"]
+    train = [s for s, sp in zip(cohort["samples"], cohort["split"]) if sp == "train"][:cases]
+    rows = [task_feature_rows(model, arch, s, task, fn) for s in train]
     return scores_for_task(np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows]), task.kind)
 
 
@@ -359,6 +367,8 @@ def transferability(cfg, runs: dict, pairs: list, info: dict) -> dict:
     from vfm_align.align.transferability import SCORES, picks_better
 
     out = {}
+    if not any(r.get("transfer") for r in runs.values()):
+        return out
     gains = {(p["backbone"], p["task"]): p["gap_closed"]["mean"] for p in pairs}
     for score in SCORES:
         value = {(r["backbone"], r["task"]): r["transfer"].get(score) for r in runs.values()
