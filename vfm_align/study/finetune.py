@@ -137,9 +137,9 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
         return [{s: f[i] for s, f in feats.items()} for i in range(len(runs))]
 
     start = run_features(state)
-    if sigma is None:  # the pair's pretrained model's probe features fix the kernel for every run
+    if sigma is None:  # the pretrained model's probe features fix the kernel (any run, any seed: the same σ)
         ref = next((i for i, r in enumerate(runs) if r.pretrained is not None), 0)
-        sigma = {s: median_sigma(np.asarray(f), seed=seeds[ref]) for s, f in start[ref].items()}
+        sigma = {s: median_sigma(np.asarray(f), seed=0) for s, f in start[ref].items()}
     sigma = {s: float(v) for s, v in sigma.items()}
     monitors = [AlignmentMonitor(None, None, tuple(cfg.sites), num_features=int(cfg.rff_features),
                                  max_rows=int(cfg.max_rows), seed=s, sigma=sigma) for s in seeds]
