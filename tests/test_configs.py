@@ -42,8 +42,9 @@ def _renamed(old):
     return old
 
 
-@pytest.mark.parametrize("name", ["study_default", "study_quick", "study_fcmae", "pretrain_mae", "pretrain_fcmae",
-                                  "pretrain_contrastive"])
+# The study configs changed by design since (disjoint cohorts, seeds, probes, a third backbone):
+# tests/test_study_e2e.py checks what they now produce.
+@pytest.mark.parametrize("name", ["pretrain_mae", "pretrain_fcmae", "pretrain_contrastive"])
 def test_study_and_pretraining_configs_change_only_by_the_renames(name):
     got = json.loads(load_config(default_config_path(name)).to_json_best_effort(sort_keys=True))
     assert got == _renamed(BEFORE[name])

@@ -157,7 +157,7 @@ def test_saved_directory_is_the_fcmae_encoder(pretrained, cohort):
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
 def test_finetune_from_fcmae_encoder(pretrained, cohort, task):
-    study = load_config(default_config_path("study_fcmae"),
+    study = load_config(default_config_path("study_default"),
                         ["finetune.steps=2", "finetune.eval_every=1", "finetune.batch_size=2",
                          "finetune.probe_cases=2", "finetune.rff_features=64", "finetune.max_rows=256",
                          'finetune.sites=["pooled", "patch"]'])

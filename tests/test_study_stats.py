@@ -47,23 +47,6 @@ def test_bad_input():
         correlate([1, 2, 3], [1, 2, 3], method="kendall")
 
 
-@pytest.mark.parametrize("r, lo, hi, says", [
-    (-0.8, -0.95, -0.3, "lower MMD\u00b2 (better alignment) went with larger gains"),
-    (-0.2, -0.9, 0.5, "only as a tendency that the data do not establish"),
-    (0.7, 0.2, 0.9, "the opposite of the paper's claim"),
-    (0.1, -0.6, 0.7, "did not go with larger gains"),
-])
-def test_finding_states_a_direction_only_when_the_interval_excludes_zero(r, lo, hi, says):
-    from vfm_align.study.runner import finding
-
-    def entry(r, lo, hi):
-        return {"r": r, "ci_low": lo, "ci_high": hi, "p_value": 0.04}
-
-    corr = {"mmd2_pooled~gain/spearman": entry(r, lo, hi), "mmd2_pooled~convergence_steps/spearman": entry(0.3, -0.2, 0.8)}
-    text = finding([None] * 10, corr, "pooled")
-    assert says in text and f"{r:+.2f} (95% CI {lo:+.2f} to {hi:+.2f}" in text
-
-
 # ---------------------------------------------------------------------------------------------
 # Undefined correlations, exclusions, gains, the grouped tests and the hierarchical bootstrap
 

@@ -42,7 +42,7 @@ def test_each_task_is_defined_once_with_what_other_layers_read():
         "classification": ("label", "ce", 2, "auroc", 1.0, None),
         "segmentation": ("dense", "dice_ce", 3, "dice_mean", 1.0, None),
         "detection": ("dense", "dice_ce", 2, "picai_score", 1.0, None),
-        "super_resolution": ("restore", "l2", 1, "psnr", None, 0),
+        "super_resolution": ("restore", "l2", 1, "ssim", 1.0, 0),
         "distortion_correction": ("restore", "l2", 2, "ncc", 1.0, 1),
     }
     for name in TASKS:

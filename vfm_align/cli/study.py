@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="study recipe (default: configs/study_default.py)")
     p.add_argument("--quick", action="store_true", help="use configs/study_quick.py (a minutes-long run)")
     p.add_argument("--out", default="study_out", help="output folder (default: ./study_out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the output folder holds results of another config or cohort: recompute what the changes "
+                        "affect (without it the study refuses, naming the changed keys)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     p.epilog = ("Overrides: --config.KEY=VALUE (repeatable; typed like the value it replaces), e.g. "
@@ -26,7 +29,7 @@ def run(args) -> int:
 
     path = args.config or default_config_path("study_quick" if args.quick else "study_default")
     cfg = load_config(path, args.overrides)
-    results = run_study(cfg, args.out, progress=not args.no_progress)
+    results = run_study(cfg, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     print(results["finding"])
     print(f"report: {args.out}/report.html")
     return 0

@@ -211,7 +211,7 @@ class SuperResolution(Task):
 
     Input: the image with its T2w channel replaced by a thick-slice T2w (slices averaged in groups
     of ``factor`` along z, then repeated back onto the thin grid). Target: the thin T2w (D, H, W, 1).
-    Metrics inside the gland: PSNR (primary), SSIM, NCC.
+    Metrics inside the gland: SSIM (primary: bounded by 1, so gains compare across tasks), PSNR, NCC.
     """
 
     name: str = "super_resolution"
@@ -219,8 +219,8 @@ class SuperResolution(Task):
     head: str = "restore"
     num_outputs: int = 1
     loss: str = "l2"
-    primary: str = "psnr"
-    ceiling: float | None = None
+    primary: str = "ssim"
+    ceiling: float | None = 1.0
     restore_from: int | None = 0  # T2w
     factor: int = 2
 

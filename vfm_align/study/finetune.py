@@ -20,19 +20,28 @@ import jax
 import numpy as np
 from flax import nnx
 
-from vfm_align.models.task_model import TaskModel
+from vfm_align.align.kernels import median_sigma
 from vfm_align.data.tasks import get_task
+from vfm_align.models.task_model import TaskModel
 from vfm_align.study import taskdata
 from vfm_align.study.backbones import GridFeatures, fresh_backbone
-from vfm_align.train.recipes import BACKBONES
 from vfm_align.train.data import DrawnBatches
 from vfm_align.train.loop import Hook, train_loop
 from vfm_align.train.mesh import global_batch
 from vfm_align.train.monitor import AlignmentMonitor, align_probe
 from vfm_align.train.optim import make_optimizer
+from vfm_align.train.recipes import BACKBONES
 from vfm_align.train.state import abstract_state, create_state, with_backbone
-from vfm_align.train.step import (jit_train_step, make_eval_step, make_feature_step, make_stacked_step,
-                                  stack_states, stacked_batch_sharding, stacked_shardings, task_objective)
+from vfm_align.train.step import (
+    jit_train_step,
+    make_eval_step,
+    make_feature_step,
+    make_stacked_step,
+    stack_states,
+    stacked_batch_sharding,
+    stacked_shardings,
+    task_objective,
+)
 
 
 @dataclass(frozen=True)
@@ -81,11 +90,18 @@ def _steps(build, spec, cfg, steps: int, mesh, keep: int):
 
 
 def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict, probe: np.ndarray, cfg, mesh, *,
-                  desc: str = "", progress: bool = True, stop: threading.Event | None = None) -> list[dict]:
+                  sigma: dict | None = None, desc: str = "", progress: bool = True,
+                  stop: threading.Event | None = None) -> list[dict]:
     """Fine-tune a ``backbone`` (profound_conv, profound_mae, provicnet) of ``config`` on ``task`` once per :class:`Run`, all in one stacked step.
 
-    Returns, per run, its metric and alignment curves (plain Python values), the paired probe features
-    before and after (for the permutation test) and ``diverged_step`` (None, or the first step whose loss
+    ``data``: {"train", "val", "test"} (:func:`taskdata.make_task_data`): the curves (and so convergence)
+    are measured on val, the final metric once on test. ``sigma`` ({site: bandwidth}) is the kernel of
+    every MMD^2 of these runs; None: the median heuristic on the first pretrained run's starting probe
+    features (the pair's pretrained model), shared by all runs of the call.
+
+    Returns, per run, its val metric and alignment curves (plain Python values), the test metric
+    (``final_metric``), the σ used, the paired probe features before and after (for the permutation
+    test) and ``diverged_step`` (None, or the first step whose loss
     or gradient was not finite; the run's curves end at its last evaluation before it). ``stop``, when
     set, ends the runs at their next step with :class:`~vfm_align.errors.Stopped`.
     """
@@ -116,15 +132,20 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
     del states
 
     probe_x = global_batch({"x": probe}, mesh)["x"]
-    monitors = [AlignmentMonitor(None, None, tuple(cfg.sites), num_features=int(cfg.rff_features),
-                                 max_rows=int(cfg.max_rows), seed=s) for s in seeds]
-
     def run_features(state):
         feats = feature_step(state, probe_x)
         return [{s: f[i] for s, f in feats.items()} for i in range(len(runs))]
 
-    for m, f in zip(monitors, run_features(state)):
+    start = run_features(state)
+    if sigma is None:  # the pretrained model's probe features fix the kernel (any run, any seed: the same σ)
+        ref = next((i for i, r in enumerate(runs) if r.pretrained is not None), 0)
+        sigma = {s: median_sigma(np.asarray(f), seed=0) for s, f in start[ref].items()}
+    sigma = {s: float(v) for s, v in sigma.items()}
+    monitors = [AlignmentMonitor(None, None, tuple(cfg.sites), num_features=int(cfg.rff_features),
+                                 max_rows=int(cfg.max_rows), seed=s, sigma=sigma) for s in seeds]
+    for m, f in zip(monitors, start):
         m.bank_features(f)  # each run's starting backbone
+    del start
     val_x = global_batch({"x": data["val"]["image"]}, mesh)["x"]
     curves = [{"step": [], "metric": [], "loss": []} for _ in runs]
 
@@ -149,10 +170,13 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
     every = max(1, int(cfg.eval_every))
     loop = train_loop(train_step, state, batch, total=steps, hooks=[Hook(every, record, at_start=True)],
                       log_every=every, stop=stop, stacked=True, desc=desc, progress=progress, leave=False)
+    # The final metric, once, on the test split (a diverged run: its last good weights).
+    test_outs = np.asarray(jax.device_get(eval_step(loop.state, global_batch({"x": data["test"]["image"]}, mesh)["x"])))
     out = []
     for i, (m, feats, c) in enumerate(zip(monitors, run_features(loop.state), curves)):
         post = m.rows(feats)  # paired features before/after for the permutation test (pre = banked)
-        out.append({"curve": c, "final_metric": c["metric"][-1], "metric_name": spec.primary,
+        out.append({"curve": c, "final_metric": taskdata.evaluate(task, test_outs[i], data["test"], seed=seeds[i]),
+                    "final_val_metric": c["metric"][-1], "sigma": sigma, "metric_name": spec.primary,
                     "diverged_step": loop.diverged.get(i),
                     "pairs": {s: (np.asarray(m.pre[s]), np.asarray(post[s])) for s in m.sites}})
     return out

@@ -235,6 +235,50 @@ def within_task_figure(pairs, within: dict, measure: str, target: str, path: str
     plt.close(fig)
 
 
+def transfer_figure(results, path: str, target: str = "gap_closed"):
+    """One panel per transferability score: the pretrained model's score (x) against the pair's gain (y, mean
+    ± SD over seeds), one marker per backbone; the panel title gives Spearman r and the within-task picks."""
+    scores = results["transferability"]
+    gain = {f"{p['backbone']}/{p['task']}": p[target] for p in results["pairs"]}
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.6), squeeze=False)
+    for ax, (name, sc) in zip(axes[0], scores.items()):
+        pts = [{"backbone": k.split("/")[0], "task": k.split("/")[1], "x": v, "y": _mean(gain[k]), "ye": _sd(gain[k])}
+               for k, v in sc["values"].items() if v is not None and k in gain and _mean(gain[k]) is not None]
+        for i, b in enumerate(dict.fromkeys(q["backbone"] for q in pts)):
+            sel = [q for q in pts if q["backbone"] == b]
+            ax.errorbar([q["x"] for q in sel], [q["y"] for q in sel], yerr=[q["ye"] for q in sel],
+                        fmt=MARKERS[i % len(MARKERS)], ms=6, capsize=2, elinewidth=0.8, label=b)
+        if pts:
+            _label_points(ax, pts, "x", "y")
+        c = sc["correlations"].get(f"{name}~{target}/spearman", {})
+        pick = sc.get("picks_better", {})
+        ax.set_title(f"{name}: Spearman {_num(c.get('r'))}, picks {pick.get('agree', 0):g}/{pick.get('pairs', 0)}",
+                     fontsize=9)
+        ax.set_xlabel(f"{name} (pretrained, before fine-tuning)")
+        ax.set_ylabel(f"{target} (mean ± SD)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def transfer_html(results, target: str = "gap_closed") -> str:
+    rows = []
+    for name, sc in (results.get("transferability") or {}).items():
+        c = sc["correlations"].get(f"{name}~{target}/spearman", {})
+        ci = f"{_num(c.get('ci_low'))} to {_num(c.get('ci_high'))}" if c.get("ci_low") is not None else "—"
+        pick = sc.get("picks_better", {})
+        rows.append(f"<tr><td>{_esc(name)}</td><td>{c.get('n', '')}</td><td>{_num(c.get('r'))}</td><td>{ci}</td>"
+                    f"<td>{_num(c.get('p_value'), '.3f')}</td><td>{pick.get('agree', 0):g} of {pick.get('pairs', 0)}"
+                    f"</td><td>{_esc(c.get('undefined', ''))}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Transferability scores (before fine-tuning)</h2><table><tr><th>score</th><th>pairs</th>"
+            f"<th>Spearman r with {target}</th><th>CI</th><th>p (within-backbone)</th>"
+            "<th>picks the backbone that gained more</th><th>note</th></tr>" + "".join(rows) + "</table>")
+
+
 def _esc(v) -> str:
     return html.escape(str(v))
 
@@ -346,6 +390,9 @@ def write_replicate_figures(results, out_dir: str, measure: str, target: str = "
     scatter_with_errors(pairs, measure, "convergence_steps", f"{measure}", "steps to 90% of final metric",
                         "Alignment vs convergence", paths[1])
     within_task_figure(pairs, results.get("within_task", {}).get(f"{measure}~{target}", {}), measure, target, paths[2])
+    if results.get("transferability"):
+        paths.append(os.path.join(fig_dir, "transferability_vs_gain.png"))
+        transfer_figure(results, paths[-1], target)
     runs = results.get("runs") or {}
     sites = sorted({k.split("/")[1] for r in runs.values() for k in r.get("curve", {}) if k.startswith("align/")})
     if runs:
@@ -388,11 +435,12 @@ per seed (pretrained and random-init runs of one seed share head initialisation 
 (first evaluated step reaching 90% of the run's final improvement) on the validation split. Each pair: mean \u00b1 SD
 across seeds. Correlations on pair means; intervals from a hierarchical bootstrap (pairs, then seeds within pairs);
 p-values from permuting alignment among the tasks of one backbone.</p>
-<h2>Main figures</h2>{''.join(_img(f) for f in figs[:3])}
+<h2>Main figures</h2>{''.join(_img(f) for f in figs if "curves_" not in f)}
 <h2>Correlations</h2>{correlations_html(results.get("correlations", {}))}
 <h2>Per task (mean \u00b1 SD across seeds)</h2>{pairs_table_html(results["pairs"], measures)}
 <h2>Excluded runs</h2>{exclusions_html(results)}
-<h2>Learning and alignment curves</h2>{''.join(_img(f) for f in figs[3:])}
+{transfer_html(results, target)}
+<h2>Learning and alignment curves</h2>{''.join(_img(f) for f in figs if "curves_" in f)}
 </body></html>"""
     path = os.path.join(out_dir, "report.html")
     with atomic_file(path) as tmp, open(tmp, "w") as fh:

@@ -1,20 +1,28 @@
 """The transfer study: every (backbone, task) fine-tuned from pretrained and from random weights.
 
-For each pair it records the final metric, the relative gain over the random-init baseline trained
-with the same budget, the steps to 90 % of the final improvement (convergence), and the in-loop
-alignment curves (MMD^2, CKA, drift) per feature site; then it correlates alignment with gain and
-with convergence across pairs. Each (backbone, task) pair is fine-tuned from both initialisations and
+The design (stated in results.json's ``design`` section): each objective pretrains on its own cohort
+(by default the phantom drawn with another seed; ``cohort.pretrain_manifest`` for real data), never
+overlapping the fine-tuning cohort; the fine-tuning cohort keeps train / val / test, val drives the
+evaluation curves and convergence and the final metric is measured once on test. Alignment (MMD^2,
+CKA) compares the backbone's features on held-out probe cases (val, then test) before and after
+fine-tuning, with the kernel bandwidth fixed once per (backbone, task) from the pretrained model's
+probe features. Each (backbone, task) pair is fine-tuned from both initialisations and
 ``cfg.finetune.seeds`` seeds (seed, seed + 1, ...) as stacked runs: groups of ``cfg.finetune.stack``
 runs (0, the default: all of the pair's) train as one compiled step. Each (backbone, task, init, seed)
 result is written atomically to ``runs/`` as its group completes, so an interrupted study resumes
-where it stopped. ``cfg.workers`` groups (and pretrainings) run at a time, in threads; the results do
-not depend on it, nor on the grouping beyond float32 rounding.
+where it stopped; ``study_record.json`` records the config and cohorts, so a resume with anything
+changed refuses (naming the keys) or, with ``overwrite``, recomputes what depends on them.
+``cfg.workers`` groups (and pretrainings) run at a time, in threads; the results do not depend on it.
+The statistics are those of :func:`vfm_align.study.stats.analyse`.
 """
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -22,33 +30,59 @@ import numpy as np
 from rich.console import Console
 
 from vfm_align import model_io
-from vfm_align.atomic import write_json
-from vfm_align.errors import ConfigError, Stopped
-from vfm_align.data.tasks import get_task
-from vfm_align.study import taskdata
-from vfm_align.models.registry import config_from_dict
-from vfm_align.study.finetune import Run, run_finetunes, steps_to_fraction
 from vfm_align.align.permutation import mmd_test
+from vfm_align.atomic import atomic_file, write_json
+from vfm_align.data.tasks import get_task
+from vfm_align.errors import ConfigError, Stopped
+from vfm_align.models.registry import config_from_dict
+from vfm_align.study import taskdata
+from vfm_align.study.cohorts import (
+    check_disjoint,
+    choose_probe_cases,
+    count_params,
+    describe_cohort,
+    design_section,
+    make_pretraining_phantom,
+)
+from vfm_align.study.design import check_resume
+from vfm_align.study.finetune import Run, run_finetunes, steps_to_fraction
 from vfm_align.study.pretrain import pretrain, study_mesh
-from vfm_align.study.stats import correlate
+from vfm_align.study.stats import analyse, describe_finding
 from vfm_align.train.recipes import BACKBONES
 
 INITS = ("pretrained", "random")
 
 
-def prepare_cohort(cfg, out_dir: str) -> dict:
-    """The cohort named by ``cfg.cohort.manifest``, or the phantom generated into ``out_dir/cohort``."""
-    manifest = cfg.cohort.manifest
-    if not manifest:
-        from vfm_align.data.phantom import make_phantom
+def cohort_sources(cfg) -> dict:
+    """{"finetune", "pretrain"}: each cohort's manifest path, or the recipe of the phantom generated for it."""
+    c = cfg.cohort
+    shape = [int(v) for v in c.shape]
+    fine = c.manifest or {"generator": "phantom", "cases": int(c.cases), "shape": shape, "seed": int(cfg.seed)}
+    pre = c.get("pretrain_manifest") or {"generator": "phantom", "cases": int(c.get("pretrain_cases", 0) or c.cases),
+                                         "shape": shape, "seed": int(cfg.seed) + 1}
+    return {"finetune": fine, "pretrain": pre}
 
-        manifest = make_phantom(os.path.join(out_dir, "cohort"), int(cfg.cohort.cases), shape=tuple(cfg.cohort.shape),
-                                seed=int(cfg.seed), workers=1, progress=False)
+
+def prepare_cohorts(cfg, out_dir: str, sources: dict) -> tuple[str, str]:
+    """(fine-tuning manifest, pretraining manifest): given, or the phantoms generated into ``out_dir``."""
+    from vfm_align.data.phantom import make_phantom
+
+    fine, pre = sources["finetune"], sources["pretrain"]
+    if isinstance(fine, dict):
+        fine = make_phantom(os.path.join(out_dir, "cohort"), fine["cases"], shape=tuple(fine["shape"]),
+                            seed=fine["seed"], workers=1, progress=False)
+    if isinstance(pre, dict):
+        pre = make_pretraining_phantom(os.path.join(out_dir, "pretrain_cohort"), pre["cases"],
+                                       shape=tuple(pre["shape"]), seed=pre["seed"], finetune_seed=int(cfg.seed))
+    return fine, pre
+
+
+def load(cfg, manifest: str) -> dict:
     return taskdata.load_cohort(manifest, crop=tuple(cfg.cohort.crop) if cfg.cohort.get("crop") else None)
 
 
-def _backbone_dirs(cfg, cohort, out_dir, console, progress) -> dict:
-    """Model directory per backbone: given weights, or pretrained here (concurrently, ``cfg.workers`` at a time)."""
+def _backbone_dirs(cfg, pre_manifest, out_dir, console, progress) -> dict:
+    """Model directory per backbone: given weights, or pretrained here on the whole pretraining cohort."""
     dirs, todo = {}, []
     for b in cfg.backbones:
         if b.get("weights"):
@@ -57,11 +91,14 @@ def _backbone_dirs(cfg, cohort, out_dir, console, progress) -> dict:
         dirs[b.name] = os.path.join(out_dir, "pretrained", b.name)
         if not os.path.isdir(dirs[b.name]):
             todo.append((b,))
-    train = cohort["split"] == "train"
-    data = {"image": cohort["image"][train], "cancer": (cohort["lesion"][train] > 0).astype(np.int32)}
+    if not todo:
+        return dirs
+    pre = load(cfg, pre_manifest)  # label-guided objectives see only these cases' masks
+    data = {"image": pre["image"], "cancer": (pre["lesion"] > 0).astype(np.int32)}
 
     def run_one(b, stop):
-        console.log(f"pretraining {b.name} ({b.pretrain.backbone}, {b.pretrain.objective})")
+        console.log(f"pretraining {b.name} ({b.pretrain.backbone}, {b.pretrain.objective}) on "
+                    f"{len(data['image'])} pretraining cases")
         pretrain(b.pretrain, data, dirs[b.name], progress=progress, stop=stop)
 
     run_concurrently(run_one, todo, int(cfg.get("workers", 1)))
@@ -85,23 +122,58 @@ def _seed_key(cfg, seed: int) -> int | None:
     return None if seed == int(cfg.seed) else seed
 
 
-def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
-    """Run (or resume) the study described by ``cfg`` into ``out_dir``; returns the results dict."""
+def _apply_plan(plan, out_dir: str, sources: dict, console) -> None:
+    """Delete the outputs a changed config or cohort made stale (``overwrite``), then record the new config."""
+    def rm(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    if plan.fresh or plan.unchanged:
+        return
+    unknown = any("without a record" in c for c in plan.changes)
+    for name, folder in (("finetune", "cohort"), ("pretrain", "pretrain_cohort")):
+        # a generated cohort of another recipe (make_phantom refuses to overwrite it)
+        if isinstance(sources[name], dict) and (unknown or any(c.startswith(f"cohort {name}") for c in plan.changes)):
+            rm(os.path.join(out_dir, folder))
+    for b in plan.pretrain:
+        rm(os.path.join(out_dir, "pretrained", b))
+    for b in plan.finetune:
+        for f in glob.glob(os.path.join(out_dir, "runs", f"{glob.escape(b)}__*.json")):
+            os.remove(f)
+    if plan.summary:
+        rm(os.path.join(out_dir, "results.json"))
+    console.log("recomputing what depends on: " + "; ".join(plan.changes))
+    plan.commit()
+
+
+def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run (or resume) the study described by ``cfg`` into ``out_dir``; returns the results dict.
+
+    A folder holding results of another config or cohort: ConfigError naming the changes, or with
+    ``overwrite`` the stale outputs are recomputed (see :mod:`vfm_align.study.design`).
+    """
     console = Console(stderr=True, quiet=not progress)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        fh.write(cfg.to_json_best_effort(indent=1))
     for t in cfg.tasks:
         get_task(t)  # an unknown task fails before any work
     names = [b.name for b in cfg.backbones]
     if len(set(names)) != len(names):
         raise ConfigError(f"backbone names must be unique, got {names}")
     seeds = finetune_seeds(cfg)
-    cohort = prepare_cohort(cfg, out_dir)
-    dirs = _backbone_dirs(cfg, cohort, out_dir, console, progress)
+    sources = cohort_sources(cfg)
+    plan = check_resume(out_dir, cfg, sources, overwrite=overwrite)
+    _apply_plan(plan, out_dir, sources, console)
+    with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w") as fh:
+        fh.write(cfg.to_json_best_effort(indent=1))
+    fine_manifest, pre_manifest = prepare_cohorts(cfg, out_dir, sources)
+    disjoint = check_disjoint(pre_manifest, fine_manifest, content=isinstance(sources["finetune"], dict))
+    cohort = load(cfg, fine_manifest)
+    dirs = _backbone_dirs(cfg, pre_manifest, out_dir, console, progress)
     mesh = study_mesh(cfg.mesh)
-    probe_idx = np.arange(min(int(cfg.finetune.probe_cases), len(cohort["image"])))
+    probe_idx = choose_probe_cases(cohort["case_id"], cohort["split"], num=int(cfg.finetune.probe_cases))
     probe = cohort["image"][probe_idx]
     task_data = {t: taskdata.make_task_data(cohort, t, seed=int(cfg.seed)) for t in cfg.tasks}
     pairs = [(b, t) for b in cfg.backbones for t in cfg.tasks]
@@ -119,34 +191,88 @@ def run_study(cfg, out_dir: str, *, progress: bool = True) -> dict:
             jobs += [(label, b, t, todo[i:i + size]) for i in range(0, len(todo), size)]
         else:
             console.log(f"{label} {b.name} / {t}: done earlier, skipped")
+    pair_sigma = {}  # (backbone, task) -> {site: sigma}: one kernel for all of a pair's runs, even across groups
 
     def run_group(label, b, t, todo, stop):
         meta = model_io.read_sidecar(dirs[b.name])
         config = config_from_dict(meta["arch"], meta["config"])
-        pretrained = model_io.load(dirs[b.name]) if any(i == "pretrained" for i, _, _ in todo) else None
+        pretrained = model_io.load(dirs[b.name])
+        sigma = pair_sigma.get((b.name, t)) or _saved_sigma(out_dir, b.name, t)
+        if sigma is None and todo[0][0] != "pretrained":
+            raise ConfigError(f"{b.name}/{t}: the pair's kernel comes from a pretrained run; "
+                              "finetune.stack must keep one in the first group")
+        transfer = None  # scored before fine-tuning donates the pretrained weights
+        if int(cfg.get("transfer_cases", 0)) and any(i == "pretrained" for i, _, _ in todo):
+            transfer = transfer_scores(pretrained, meta["arch"], cohort, t, int(cfg.seed), int(cfg.transfer_cases))
         runs = [Run(pretrained if init == "pretrained" else None, seed) for init, seed, _ in todo]
-        results = run_finetunes(b.backbone, config, runs, t, task_data[t], probe, cfg.finetune, mesh,
+        results = run_finetunes(b.backbone, config, runs, t, task_data[t], probe, cfg.finetune, mesh, sigma=sigma,
                                 desc=f"{label} {b.name}/{t} x{len(runs)}", progress=progress, stop=stop)
+        pair_sigma[(b.name, t)] = results[0]["sigma"]
         for (init, seed, path), res in zip(todo, results):
             tests = {}
             for s, (x, y) in res.pop("pairs").items():  # same inputs before/after: swap within pairs
-                r = mmd_test(x, y, int(cfg.num_permutations), paired=True,
+                r = mmd_test(x, y, int(cfg.num_permutations), paired=True, sigma=[res["sigma"][s]],
                              num_features=int(cfg.finetune.rff_features), seed=int(cfg.seed))
+                null = np.asarray(r.null, np.float64)
                 tests[s] = {"statistic": float(r.statistic), "p_value": float(r.p_value),
-                            "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0])}
+                            "num_permutations": int(r.num_permutations), "sigma": float(r.sigmas[0]),
+                            "null_q95": float(np.quantile(null, 0.95)), "null_sd": float(null.std())}
             write_json(path, {"backbone": b.name, "model": b.backbone, "family": BACKBONES[b.backbone].family,
-                              "task": t, "init": init, "seed": seed,
-                              "tests": tests, **res})
+                              "task": t, "init": init, "seed": seed, "tests": tests, **res,
+                              **({"transfer": transfer} if init == "pretrained" else {})})
             note = "" if res["diverged_step"] is None else f" (diverged at step {res['diverged_step']})"
-            console.log(f"{label} {b.name} / {t} / {init} / seed {seed}: {res['metric_name']} "
+            console.log(f"{label} {b.name} / {t} / {init} / seed {seed}: test {res['metric_name']} "
                         f"{res['final_metric']:.4f}{note}")
 
     run_concurrently(run_group, jobs, int(cfg.get("workers", 1)))
-    results = summarise(cfg, out_dir)
+    design = design_section(
+        pretrain_cohort=_pretrain_description(cfg, pre_manifest), finetune_cohort=describe_cohort(fine_manifest),
+        probe_case_ids=[str(cohort["case_id"][i]) for i in probe_idx], seeds=seeds,
+        steps={**{f"pretrain[{b.name}]": (0 if b.get("weights") else int(b.pretrain.steps)) for b in cfg.backbones},
+               "finetune": int(cfg.finetune.steps), "eval_every": int(cfg.finetune.eval_every)},
+        models={b.name: _model_info(dirs[b.name]) for b in cfg.backbones}, sigma={},
+        extra={"disjoint_check": disjoint, "final_metric_split": "test", "curve_split": "val"})
+    results = summarise(cfg, out_dir, design)
     from vfm_align.study.report import write_report
 
     write_report(results, out_dir)
     return results
+
+
+def transfer_scores(model, arch: str, cohort: dict, task_name: str, seed: int, cases: int) -> dict:
+    """The transferability scores (LogME, H-score, TransRate, RankMe) of the pretrained model's frozen features
+    on the first ``cases`` training cases of the fine-tuning cohort for one task: what could be known before
+    fine-tuning (the cap bounds its cost: dense tasks give one row per patch token)."""
+    from vfm_align.align.banks import model_feature_fn, task_feature_rows
+    from vfm_align.align.transferability import scores_for_task
+
+    task = get_task(task_name, seed=seed)
+    fn = model_feature_fn(model, arch, ("pooled", "patch"))
+    train = [s for s, sp in zip(cohort["samples"], cohort["split"]) if sp == "train"][:cases]
+    rows = [task_feature_rows(model, arch, s, task, fn) for s in train]
+    return scores_for_task(np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows]), task.kind)
+
+
+def _saved_sigma(out_dir, backbone, task):
+    """The σ of a pair's finished runs (a resumed pair keeps its kernel)."""
+    for f in sorted(glob.glob(os.path.join(out_dir, "runs", f"{glob.escape(backbone)}__{task}__*.json"))):
+        with open(f) as fh:
+            sigma = json.load(fh).get("sigma")
+        if sigma:
+            return sigma
+    return None
+
+
+def _pretrain_description(cfg, manifest) -> dict:
+    d = describe_cohort(manifest)
+    if all(b.get("weights") for b in cfg.backbones):
+        d["note"] = "not used: every backbone was given as weights"
+    return d
+
+
+def _model_info(model_dir: str) -> dict:
+    meta = model_io.read_sidecar(model_dir)
+    return {"arch": meta["arch"], "params": count_params(model_io.load(model_dir))}
 
 
 def run_concurrently(fn, jobs, workers: int) -> None:
@@ -183,22 +309,21 @@ def run_concurrently(fn, jobs, workers: int) -> None:
     ex.shutdown(wait=True)
 
 
-def _pair_row(cfg, b, t, pre, rnd) -> dict:
-    c = pre["curve"]
-    row = {"backbone": b.name, "task": t, "metric": pre["metric_name"],
-           "final_pretrained": pre["final_metric"], "final_random": rnd["final_metric"],
-           "gain": relative_gain(pre["final_metric"], rnd["final_metric"], float(cfg.gain_floor)),
-           "convergence_steps": steps_to_fraction(c["step"], c["metric"]),
-           "convergence_steps_random": steps_to_fraction(rnd["curve"]["step"], rnd["curve"]["metric"])}
-    for s in cfg.finetune.sites:
-        row[f"mmd2_{s}"] = c[f"align/{s}/mmd2"][-1]
-        row[f"cka_{s}"] = c[f"align/{s}/cka"][-1]
-        row[f"p_value_{s}"] = pre["tests"][s]["p_value"]
-    return row
+def run_record(run: dict, sites) -> dict:
+    """What :func:`analyse` needs of one saved run: test metric, val convergence, final alignment per site."""
+    c = run["curve"]
+    rec = {k: run[k] for k in ("backbone", "task", "seed", "init", "final_metric", "metric_name")}
+    rec["convergence_steps"] = steps_to_fraction(c["step"], c["metric"])
+    rec["diverged"] = run.get("diverged_step") is not None
+    rec["diverged_step"] = run.get("diverged_step")
+    for s in sites:
+        rec[f"mmd2_{s}"] = c[f"align/{s}/mmd2"][-1]
+        rec[f"cka_{s}"] = c[f"align/{s}/cka"][-1]
+    return rec
 
 
-def summarise(cfg, out_dir: str) -> dict:
-    """Per-pair table (the mean over seeds where there are several) and cross-pair correlations from the saved runs."""
+def summarise(cfg, out_dir: str, design: dict) -> dict:
+    """results.json (design, per-pair mean ± SD over seeds, correlations, within-task comparison) and results.csv."""
     runs = {}
     seeds = finetune_seeds(cfg)
     for b in cfg.backbones:
@@ -209,69 +334,55 @@ def summarise(cfg, out_dir: str) -> dict:
                     with open(os.path.join(out_dir, "runs", key + ".json")) as fh:
                         runs[key] = json.load(fh)
     site = cfg.primary_site
-    pairs = []
-    for b in cfg.backbones:
-        for t in cfg.tasks:
-            rows = [_pair_row(cfg, b, t, runs[run_key(b.name, t, "pretrained", _seed_key(cfg, s))],
-                              runs[run_key(b.name, t, "random", _seed_key(cfg, s))]) for s in seeds]
-            row = rows[0]
-            if len(rows) > 1:
-                row = {k: (float(np.mean([r[k] for r in rows])) if isinstance(v, (int, float)) else v)
-                       for k, v in row.items()}
-            pairs.append(row)
-    corr = {}
-    stat_kw = dict(num_bootstrap=int(cfg.num_bootstrap), num_permutations=int(cfg.num_correlation_permutations),
-                   seed=int(cfg.seed))
-    for measure in (f"mmd2_{site}", f"cka_{site}"):
-        x = [p[measure] for p in pairs]
-        for target in ("gain", "convergence_steps"):
-            y = [p[target] for p in pairs]
-            for method in ("spearman", "pearson"):
-                try:
-                    corr[f"{measure}~{target}/{method}"] = correlate(x, y, method=method, **stat_kw).to_dict()
-                except Exception as exc:  # constant columns (e.g. every run converged at once) have no correlation
-                    corr[f"{measure}~{target}/{method}"] = {"method": method, "r": float("nan"), "error": str(exc)}
-    results = {"primary_site": site, "pairs": pairs, "correlations": corr, "runs": runs,
-               "finding": finding(pairs, corr, site)}
+    sites = list(cfg.finetune.sites)
+    design["sigma"] = {f"{b.name}/{t}": runs[run_key(b.name, t, "pretrained")]["sigma"]
+                       for b in cfg.backbones for t in cfg.tasks}
+    measures = (*(f"mmd2_{s}" for s in sites), f"cka_{site}")
+    info = {t: (get_task(t).ceiling, get_task(t).higher_is_better) for t in cfg.tasks}
+    stats = analyse([run_record(r, sites) for r in runs.values()], info, measures=measures,
+                    gain_floor=float(cfg.gain_floor), num_bootstrap=int(cfg.num_bootstrap),
+                    num_permutations=int(cfg.num_correlation_permutations), seed=int(cfg.seed))
+    measure = f"mmd2_{site}"
+    results = {"design": design, "primary_site": site, "primary_measure": measure, "primary_target": "gap_closed",
+               **stats, "runs": runs, "finding": describe_finding(stats, measure),
+               "transferability": transferability(cfg, runs, stats["pairs"], info)}
     write_json(os.path.join(out_dir, "results.json"), results)
-    import csv
-
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(pairs[0]))
+    rows = []
+    for p in stats["pairs"]:
+        row = {k: v for k, v in p.items() if not isinstance(v, (dict, list))}
+        for k, v in p.items():
+            if isinstance(v, dict):
+                row[f"{k}_mean"], row[f"{k}_sd"] = v.get("mean"), v.get("sd")
+        rows.append(row)
+    with atomic_file(os.path.join(out_dir, "results.csv")) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(pairs)
+        w.writerows(rows)
     return results
 
 
-def relative_gain(pretrained: float, random: float, floor: float) -> float:
-    """(pretrained - random) / max(|random|, floor): the floor keeps a baseline that learned nothing
-    within the budget (metric ~ 0) from turning the gain into an arbitrarily large number."""
-    return (pretrained - random) / max(abs(random), floor)
+def transferability(cfg, runs: dict, pairs: list, info: dict) -> dict:
+    """Per score: its value per pair, its correlations with gap closed (the statistics of :func:`analyse`, a
+    higher score predicting a larger gain) and how often it picks the backbone that gained more within a task."""
+    from vfm_align.align.transferability import SCORES, picks_better
 
-
-def finding(pairs, corr, site) -> str:
-    """The study's answer in one sentence, with its numbers."""
-    g = corr[f"mmd2_{site}~gain/spearman"]
-    c = corr[f"mmd2_{site}~convergence_steps/spearman"]
-
-    def fmt(d):
-        if not np.isfinite(d.get("r", np.nan)):
-            return "undefined (a constant column)"
-        return f"{d['r']:+.2f} (95% CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f}, p = {d['p_value']:.3f})"
-
-    r = g.get("r", np.nan)
-    # Only a 95 % interval that excludes 0 makes a direction a finding; otherwise say it is not shown.
-    clear = np.isfinite(r) and (g["ci_low"] > 0 or g["ci_high"] < 0)
-    if not np.isfinite(r):
-        direction = "the relation of MMD\u00b2 to gain is undefined"
-    elif r < 0 and clear:
-        direction = "lower MMD\u00b2 (better alignment) went with larger gains"
-    elif r < 0:
-        direction = ("lower MMD\u00b2 went with larger gains only as a tendency that the data do not establish "
-                     "(the interval includes 0)")
-    elif clear:
-        direction = "lower MMD\u00b2 went with smaller gains, the opposite of the paper's claim"
-    else:
-        direction = "lower MMD\u00b2 did not go with larger gains"
-    return (f"Across {len(pairs)} (backbone, task) pairs, {direction}: Spearman of {site} MMD\u00b2 with relative "
-            f"gain {fmt(g)}, and with steps to 90% of the final metric {fmt(c)}.")
+    out = {}
+    if not any(r.get("transfer") for r in runs.values()):
+        return out
+    gains = {(p["backbone"], p["task"]): p["gap_closed"]["mean"] for p in pairs}
+    for score in SCORES:
+        value = {(r["backbone"], r["task"]): r["transfer"].get(score) for r in runs.values()
+                 if r["init"] == "pretrained" and r.get("transfer")}
+        records = [{**run_record(r, ()), score: value.get((r["backbone"], r["task"]))} for r in runs.values()]
+        for rec in records:
+            if rec[score] is None:
+                rec[score] = float("nan")  # excluded (with its reason) from this score's statistics only
+        stats = analyse(records, info, measures=(score,), targets=("gap_closed",), gain_floor=float(cfg.gain_floor),
+                        num_bootstrap=int(cfg.num_bootstrap), num_permutations=int(cfg.num_correlation_permutations),
+                        seed=int(cfg.seed), aligned_when_lower=lambda m: False)
+        rows = [{"task": t, "backbone": b, score: v, "gain": gains.get((b, t))} for (b, t), v in value.items()]
+        out[score] = {"values": {f"{b}/{t}": v for (b, t), v in value.items()},
+                      "correlations": stats["correlations"], "within_task": stats["within_task"],
+                      "picks_better": picks_better(rows, score, outcome="gain"),
+                      "runs_excluded": stats["counts"]["runs_excluded"]}
+    return out

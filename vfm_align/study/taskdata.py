@@ -56,21 +56,28 @@ def load_cohort(manifest: str | os.PathLike, *, crop=None) -> dict:
 
 
 def make_task_data(cohort: dict, task: str, *, seed: int = 0) -> dict:
-    """{"train": {"image", "target"}, "val": {"image", "target", "gland"}}; validation = the non-train cases."""
+    """{"train": {"image", "target"}, "val" and "test": {"image", "target", "gland"}}, by the manifest's split.
+
+    Validation drives the evaluation curves (and so convergence); test gives the final metric, once.
+    """
     t = get_task(task, seed=seed)
-    train = cohort["split"] == "train"
-    if train.all() or not train.any():
-        raise DataError("cohort needs both training and held-out cases (manifest 'split' column)")
+    split = cohort["split"]
+    missing = [s for s in ("train", "val", "test") if not (split == s).any()]
+    if missing:
+        raise DataError(f"the fine-tuning cohort needs train, val and test cases (manifest 'split' column); "
+                        f"none in {missing}")
     made = [t.make(s) for s in cohort["samples"]]
     x = np.stack([m[0] for m in made])
     y = np.stack([np.asarray(m[1]) for m in made])
     gland = np.stack([s["gland"] for s in cohort["samples"]])
-    return {"train": {"image": x[train], "target": y[train]},
-            "val": {"image": x[~train], "target": y[~train], "gland": gland[~train]}}
+    out = {"train": {"image": x[split == "train"], "target": y[split == "train"]}}
+    for s in ("val", "test"):
+        out[s] = {"image": x[split == s], "target": y[split == s], "gland": gland[split == s]}
+    return out
 
 
 def evaluate(task: str, out: np.ndarray, val: dict, *, seed: int = 0) -> float:
-    """The task's primary metric from raw model outputs (logits or restored volumes) on the validation set."""
+    """The task's primary metric from raw model outputs (logits or restored volumes) on one split's data."""
     t = get_task(task, seed=seed)
     preds = t.predictions(np.asarray(out, np.float32))
     return float(t.evaluate(preds, val["target"], val["gland"])[t.primary])

@@ -2,10 +2,12 @@
 
 Once, before any update, the pretrained backbone's features on a fixed probe set are banked per
 feature site. Every K steps the current backbone is run on the same probe inputs and compared
-with the bank: RFF MMD^2 (unbiased, sin/cos, Gaussian kernel with the median-heuristic bandwidth
-fitted on the bank, so every step uses the same kernel), linear CKA and the paired drift
+with the bank: RFF MMD^2 (unbiased, sin/cos, Gaussian kernel with one bandwidth for every step: given, e.g. fixed
+once per (backbone, task) by the study, or the median heuristic on the bank), linear CKA and the paired drift
 (mean 1 - cosine between a sample's features before and after, and the relative L2 change).
-All of it runs in one jitted function on the device.
+All of it runs in one jitted function on the device. Features equal to the bank bit for bit (the
+evaluation before any update) score MMD^2 = 0 exactly: the distributions are the same, while the
+unbiased estimate of a finite sample would scatter around 0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def _site_scores(pre, pre_sums, post, freqs):
     rel = jnp.linalg.norm(post - pre, axis=-1) / (jnp.linalg.norm(pre, axis=-1) + eps)
     n = pre.shape[0]
     mmd2 = rff_mmd2_from_sums(pre_sums, rff_sums(post, freqs), n, post.shape[0], num_features=freqs.shape[1])
+    mmd2 = jnp.where(jnp.array_equal(pre, post), jnp.zeros_like(mmd2), mmd2)  # identical features: exactly 0
     return {"mmd2": mmd2, "cka": linear_cka(pre, post), "drift_cos": jnp.mean(1.0 - cos), "drift_rel": jnp.mean(rel)}
 
 
@@ -58,11 +61,13 @@ class AlignmentMonitor:
     """
 
     def __init__(self, feature_fn, probe_images, sites, *, num_features: int = 2048, max_rows: int = 4096,
-                 seed: int = 0):
+                 seed: int = 0, sigma: dict | None = None):
         self.feature_fn = feature_fn
         self.probe = probe_images
         self.sites = tuple(sites)
         self.num_features, self.max_rows, self.seed = num_features, max_rows, seed
+        self.given_sigma = dict(sigma or {})  # site -> bandwidth; sites not given: median heuristic on the bank
+        self.sigma = {}
         self.pre = None
 
     def rows(self, feats) -> dict:
@@ -89,7 +94,8 @@ class AlignmentMonitor:
         self.freqs = {}
         for s, f in self.pre.items():
             fh = np.asarray(f)
-            sigma = median_sigma(fh, seed=self.seed)
+            sigma = float(self.given_sigma[s]) if s in self.given_sigma else median_sigma(fh, seed=self.seed)
+            self.sigma[s] = sigma
             self.freqs[s] = jnp.asarray(rff_frequencies(fh.shape[1], self.num_features, [sigma], seed=self.seed))
         # The bank's random-feature sums are computed once; each call only featurises the current side.
         self.pre_sums = {s: _rff_sums(self.pre[s], self.freqs[s]) for s in self.pre}
