@@ -11,8 +11,14 @@ from vfm_align.data.cohort import read_manifest
 from vfm_align.data.nifti import load_volume
 from vfm_align.data.phantom import make_phantom
 from vfm_align.errors import ConfigError, DataError
-from vfm_align.study.cohorts import (check_disjoint, choose_probe_cases, count_params, describe_cohort,
-                                     design_section, make_pretraining_phantom)
+from vfm_align.study.cohorts import (
+    check_disjoint,
+    choose_probe_cases,
+    count_params,
+    describe_cohort,
+    design_section,
+    make_pretraining_phantom,
+)
 
 SHAPE = (16, 16, 16)
 

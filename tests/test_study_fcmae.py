@@ -14,15 +14,16 @@ import pytest
 from flax import nnx
 
 import vfm_align
+from vfm_align.config_file import default_config_path, load_config
 from vfm_align.data.phantom import make_phantom
 from vfm_align.errors import ConfigError
 from vfm_align.model_io import read_sidecar
 from vfm_align.models.convnext3d import ConvNeXt3D
 from vfm_align.models.fcmae import FCMAE, random_mask
 from vfm_align.models.registry import config_from_dict
-from vfm_align.study import pretrain as pretrain_mod, taskdata
+from vfm_align.study import pretrain as pretrain_mod
+from vfm_align.study import taskdata
 from vfm_align.study.backbones import GridFeatures, backbone_config, pretraining_model
-from vfm_align.config_file import default_config_path, load_config
 from vfm_align.study.finetune import Run, run_finetunes
 from vfm_align.study.objectives import make_objective
 from vfm_align.study.pretrain import pretrain, study_mesh

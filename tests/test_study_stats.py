@@ -14,7 +14,8 @@ def test_pearson_matches_numpy_and_spearman_worked_ties():
     assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
     # By hand: ranks of x = [1, 2.5, 2.5, 4], of y = [1, 2, 3, 4] -> Pearson of the ranks.
     rx, ry = np.array([1, 2.5, 2.5, 4]), np.array([1, 2, 3, 4.0])
-    expected = ((rx - rx.mean()) * (ry - ry.mean())).sum() / np.sqrt(((rx - rx.mean()) ** 2).sum() * ((ry - ry.mean()) ** 2).sum())
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    expected = (dx * dy).sum() / np.sqrt((dx**2).sum() * (dy**2).sum())
     assert spearman([0.1, 0.5, 0.5, 2.0], [3.0, 4.0, 5.0, 9.0]) == pytest.approx(expected, abs=1e-12)
 
 
@@ -56,8 +57,15 @@ import math  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 
 from vfm_align.study.gains import RANDOM_AT_CEILING, gap_closed, relative_gain  # noqa: E402
-from vfm_align.study.stats import (_poisson_binomial, analyse, describe_finding, hierarchical_bootstrap,  # noqa: E402
-                                   resample_pairs, stratified_permutation_test, within_task_comparison)
+from vfm_align.study.stats import (  # noqa: E402
+    _poisson_binomial,
+    analyse,
+    describe_finding,
+    hierarchical_bootstrap,
+    resample_pairs,
+    stratified_permutation_test,
+    within_task_comparison,
+)
 
 
 def test_constant_column_is_undefined_without_a_p_value():

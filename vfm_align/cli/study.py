@@ -9,7 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser("study", help="run (or resume) the transfer study and write its report",
                        description="Fine-tune each backbone on each task from pretrained and random weights, record "
                                    "gains, convergence and in-loop alignment, correlate them, and write results.json, "
-                                   "results.csv, figures/ and report.html. Re-running resumes; same seed, same numbers.")
+                                   "results.csv, figures/ and report.html. Re-running resumes; same seed, same "
+                                   "numbers.")
     p.add_argument("--config", default=None, help="study recipe (default: configs/study_default.py)")
     p.add_argument("--quick", action="store_true", help="use configs/study_quick.py (a minutes-long run)")
     p.add_argument("--out", default="study_out", help="output folder (default: ./study_out)")

@@ -92,7 +92,8 @@ def _steps(build, spec, cfg, steps: int, mesh, keep: int):
 def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict, probe: np.ndarray, cfg, mesh, *,
                   sigma: dict | None = None, desc: str = "", progress: bool = True,
                   stop: threading.Event | None = None) -> list[dict]:
-    """Fine-tune a ``backbone`` (profound_conv, profound_mae, provicnet) of ``config`` on ``task`` once per :class:`Run`, all in one stacked step.
+    """Fine-tune a ``backbone`` (profound_conv, profound_mae, provicnet) of ``config`` on ``task`` once per
+    :class:`Run`, all in one stacked step.
 
     ``data``: {"train", "val", "test"} (:func:`taskdata.make_task_data`): the curves (and so convergence)
     are measured on val, the final metric once on test. ``sigma`` ({site: bandwidth}) is the kernel of
@@ -111,7 +112,10 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
     seeds = [r.seed for r in runs]
 
     def build_for(seed):
-        return lambda: grid_task_model(backbone, fresh_backbone(backbone, config, seed + 1), task, input_shape, cfg, seed)
+        def build():
+            return grid_task_model(backbone, fresh_backbone(backbone, config, seed + 1), task, input_shape, cfg, seed)
+
+        return build
 
     probe, n_probe = align_probe(probe, len(probe), mesh.size)
     key = (backbone, config, spec.head, spec.loss, spec.num_outputs, input_shape, steps, bool(cfg.augment),
@@ -123,7 +127,10 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
     make_tx = lambda p: make_optimizer(cfg.optim, p, steps)[0]  # noqa: E731
     states = []
     for r in runs:  # the random initial state of a seed is built once and kept on the host (a pair shares it)
-        initial = _INITIAL.get((key, r.seed), lambda: jax.device_get(create_state(build_for(r.seed), make_tx, mesh)[2]))
+        def fresh(seed=r.seed):  # called at once by the cache, within this iteration
+            return jax.device_get(create_state(build_for(seed), make_tx, mesh)[2])
+
+        initial = _INITIAL.get((key, r.seed), fresh)
         state = jax.device_put(initial, sh)  # each run its own copy: the step donates its input
         if r.pretrained is not None:
             state = with_backbone(state, GridFeatures(r.pretrained, backbone), sh)

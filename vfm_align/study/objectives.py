@@ -85,8 +85,12 @@ def contrastive_loss(cfg):
             tok2 = model.patch_tokens(_augment(k2, slices), pos)
             flat1, flat2 = tok.reshape(-1, tok.shape[-1]), tok2.reshape(-1, tok2.shape[-1])
             idx = jax.random.choice(ks, flat1.shape[0], (int(cfg.infonce_samples),), replace=False)
-            a = model.cl_head.fc3(jax.nn.gelu(model.cl_head.fc2(jax.nn.gelu(model.cl_head.fc1(flat1[idx]), approximate=False)), approximate=False))
-            b = model.cl_head.fc3(jax.nn.gelu(model.cl_head.fc2(jax.nn.gelu(model.cl_head.fc1(flat2[idx]), approximate=False)), approximate=False))
+            h = model.cl_head
+
+            def project(t):
+                return h.fc3(jax.nn.gelu(h.fc2(jax.nn.gelu(h.fc1(t), approximate=False)), approximate=False))
+
+            a, b = project(flat1[idx]), project(flat2[idx])
             ln = info_nce(a, b, temperature=float(cfg.temperature))
             total = total + float(cfg.infonce_weight) * ln
             metrics["infonce"] = ln

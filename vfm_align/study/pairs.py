@@ -111,7 +111,8 @@ def pair_loss(emb: jax.Array, pairs: Pairs, *, margin: float = 0.5) -> jax.Array
     e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-8)
     cos_p = (e[pairs.pos_anchor] * e[pairs.pos_other]).sum(-1)
     cos_n = (e[pairs.neg_anchor] * e[pairs.neg_other]).sum(-1)
-    total = jnp.where(pairs.pos_valid, 1.0 - cos_p, 0.0).sum() + jnp.where(pairs.neg_valid, jax.nn.relu(cos_n - margin), 0.0).sum()
+    total = (jnp.where(pairs.pos_valid, 1.0 - cos_p, 0.0).sum()
+             + jnp.where(pairs.neg_valid, jax.nn.relu(cos_n - margin), 0.0).sum())
     count = pairs.pos_valid.sum() + pairs.neg_valid.sum()
     return total / jnp.maximum(count, 1)
 

@@ -128,17 +128,22 @@ def write_report(results, out_dir: str) -> str:
         f" to {fmt(v.get('ci_high', float('nan')))}</td><td>{fmt(v.get('p_value', float('nan')))}</td></tr>"
         for k, v in results["correlations"].items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>vfm-align transfer study</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}.finding{{font-size:1.15em;background:#f3f6fa;padding:.8em}}</style>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px}}img{{max-width:100%}}
+.finding{{font-size:1.15em;background:#f3f6fa;padding:.8em}}</style>
 </head><body><h1>Does the pretraining objective fit the task?</h1>
 <p class="finding"><b>Finding.</b> {html.escape(results['finding'])}</p>
-<p>Alignment = MMD\u00b2 (RFF, unbiased, Gaussian kernel with the median bandwidth of the pretrained features) between the
-backbone's features on a fixed probe set before and after fine-tuning; gain = (pretrained \u2212 random init) / max(|random init|, floor) of
-the final validation metric at the same budget; convergence = first evaluated step reaching 90% of the run's final improvement.
+<p>Alignment = MMD\u00b2 (RFF, unbiased, Gaussian kernel with the median bandwidth of the pretrained features) between
+the backbone's features on a fixed probe set before and after fine-tuning;
+gain = (pretrained \u2212 random init) / max(|random init|, floor) of
+the final validation metric at the same budget;
+convergence = first evaluated step reaching 90% of the run's final improvement.
 p-values: paired (within-pair swap) permutation test of the MMD.</p>
 <h2>Main figure</h2>{_img(figs[0])}{_img(figs[1])}
 <h2>Pairs</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{rows}</table>
-<h2>Correlations (bootstrap 95% CI, permutation p)</h2><table><tr><th>measure ~ target / method</th><th>r</th><th>CI</th><th>p</th></tr>{corr_rows}</table>
+<h2>Correlations (bootstrap 95% CI, permutation p)</h2>
+<table><tr><th>measure ~ target / method</th><th>r</th><th>CI</th><th>p</th></tr>{corr_rows}</table>
 <h2>Learning and alignment curves</h2>{''.join(_img(f) for f in figs[2:])}
 </body></html>"""
     path = os.path.join(out_dir, "report.html")
