@@ -20,24 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+import machine
+
 MODELS = ("upernet", "cls", "provicnet")
 
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _write_case(path, shape_dhw, seed):
@@ -144,7 +136,7 @@ def main():
         return
     import jax
 
-    print(f"{_cpu()}, {os.cpu_count()} cores, jax {jax.__version__}; random weights, released sizes")
+    print(f"{machine.describe(jax)}; random weights, released sizes")
     print(f"{'model':10s} {'case D,H,W':>14s} {'1st case s':>10s} {'s/case':>8s} {'cases/min':>9s} {'peak GB':>8s}")
     for name in args.models:
         cmd = [sys.executable, __file__, "--one", name, "--cases", str(args.cases),

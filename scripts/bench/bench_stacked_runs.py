@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
 import jax
+import machine
 
 from vfm_align.config_file import default_config_path, load_config
 from vfm_align.data.phantom import make_phantom
@@ -36,16 +36,6 @@ from vfm_align.study.backbones import backbone_config, fresh_backbone
 from vfm_align.study.finetune import Run, run_finetunes
 from vfm_align.study.pretrain import study_mesh
 from vfm_align.study.runner import run_concurrently
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class _AfterFirstStep:
@@ -101,7 +91,7 @@ def main():
     for r in (int(x) for x in args.stack.split(",")):
         approaches[f"stacked {r}"] = (r, lambda r=r: [group(runs[i:i + r]) for i in range(0, len(runs), r)])
 
-    print(f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}; {args.backbone} ({b.backbone}) / {args.task}, "
+    print(f"{machine.describe(jax)}; {args.backbone} ({b.backbone}) / {args.task}, "
           f"{args.runs} runs of {args.steps} steps (batch {ft.batch_size}, volumes {cohort['image'].shape[1:]}, "
           f"evaluation every {ft.eval_every} steps); compiles excluded")
     for seed in dict.fromkeys(r.seed for r in runs):  # every seed's initial state, built (and kept) before timing

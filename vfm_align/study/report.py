@@ -44,13 +44,8 @@ def _label_points(ax, pairs, xkey, ykey):
                     textcoords="offset points")
 
 
-def _scatter(pairs, xkey, ykey, xlabel, ylabel, title, path):
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    backbones = sorted({p["backbone"] for p in pairs})
-    for i, b in enumerate(backbones):
-        sel = [p for p in pairs if p["backbone"] == b]
-        ax.scatter([p[xkey] for p in sel], [p[ykey] for p in sel], marker=MARKERS[i % len(MARKERS)], s=50, label=b)
-    _label_points(ax, pairs, xkey, ykey)
+def _finish(fig, ax, xlabel, ylabel, title, path):
+    """Labels, legend and grid of a scatter figure, then save and close it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -59,6 +54,16 @@ def _scatter(pairs, xkey, ykey, xlabel, ylabel, title, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _scatter(pairs, xkey, ykey, xlabel, ylabel, title, path):
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    backbones = sorted({p["backbone"] for p in pairs})
+    for i, b in enumerate(backbones):
+        sel = [p for p in pairs if p["backbone"] == b]
+        ax.scatter([p[xkey] for p in sel], [p[ykey] for p in sel], marker=MARKERS[i % len(MARKERS)], s=50, label=b)
+    _label_points(ax, pairs, xkey, ykey)
+    _finish(fig, ax, xlabel, ylabel, title, path)
 
 
 def _curves(results, task, path, sites):
@@ -195,14 +200,7 @@ def scatter_with_errors(pairs, xkey, ykey, xlabel, ylabel, title, path):
                     label=b)
     if pts:
         _label_points(ax, pts, "x", "y")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, ax, xlabel, ylabel, title, path)
 
 
 def within_task_figure(pairs, within: dict, measure: str, target: str, path: str):
