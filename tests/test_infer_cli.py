@@ -177,8 +177,8 @@ def test_real_finetune_run_then_infer_and_evaluate(tmp_path):
     assert cli_main(["phantom", "--out", str(cohort), "--cases", "10", "--shape", "16,32,32", "--workers", "1",
                      "--quiet"]) == 0
     run = tmp_path / "run"
-    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "profound_conv_segmentation.py")
-    assert cli_main(["finetune", "--config", recipe + ":tiny", "--no-progress",
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "finetune.py")
+    assert cli_main(["finetune", "--config", recipe + ":profound_conv,segmentation,tiny", "--no-progress",
                      f"--config.data.root={cohort / 'manifest.csv'}", f"--config.run.workdir={run}",
                      "--config.train.steps=4", "--config.train.batch_size=2", "--config.train.eval_every=2",
                      "--config.train.ckpt_every=2", "--config.align.every=0", "--config.mesh.data=1",
