@@ -43,6 +43,9 @@ def get_config(pretrain_steps=400, finetune_steps=150, cases=128, seeds=3):
         finetune=dict(steps=finetune_steps, eval_every=max(1, finetune_steps // 10), batch_size=4, head_hidden=16,
                       slice_channel=0, slice_window=3, augment=True, probe_cases=32, seeds=seeds, stack=0,
                       sites=["pooled", "patch"], rff_features=1024, max_rows=2048,
+                      # per-block MMD^2 / CKA before vs after fine-tuning (the report's layer profile), on at most
+                      # layer_rows probe rows per block
+                      layer_profile=True, layer_rows=2048,
                       optim=pretrain_optim(lr=5e-4, warmup=2)),
         # transferability scores of each pretrained model before fine-tuning, on this many training cases (0: off)
         transfer_cases=16,

@@ -114,6 +114,26 @@ def test_transferability_scores_per_run_and_against_gain(quick):
     assert "transferability_vs_gain.png" in os.listdir(os.path.join(out, "figures"))
 
 
+def test_layer_profile_per_run_and_per_pair(quick):
+    cfg, out, results = quick
+    for key, run in results["runs"].items():  # the quick study's backbones have one block each
+        prof = run["layer_profile"]
+        assert prof["layers"] == ["block0"], key
+        assert all(np.isfinite(prof["mmd2"])) and all(-1e-6 <= c <= 1 + 1e-6 for c in prof["cka"]), key
+    lp = results["layer_profile"]
+    assert set(lp) == {f"{b}/{t}" for b in ("reconstruction", "contrastive") for t in TASKS}
+    for pair, by_init in lp.items():
+        b, t = pair.split("/")
+        for init in ("pretrained", "random"):
+            runs = [r["layer_profile"] for r in results["runs"].values()
+                    if r["backbone"] == b and r["task"] == t and r["init"] == init]
+            want = np.array([r["mmd2"] for r in runs])
+            np.testing.assert_allclose(by_init[init]["mmd2_mean"], want.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(by_init[init]["mmd2_sd"], want.std(0, ddof=1), rtol=1e-12)
+            assert by_init[init]["seeds"] == len(runs) == 2
+    assert "layer_profile.png" in os.listdir(os.path.join(out, "figures"))
+
+
 def test_resume_with_a_changed_config_refuses_or_recomputes(quick, tmp_path):
     cfg, out, results = quick
     part = str(tmp_path / "c")

@@ -163,7 +163,9 @@ def open_bank(path: str | os.PathLike) -> Bank:
 
 def _layer_sites(sites) -> bool:
     """Whether any requested site is a per-block output (models give those with ``layers=True``)."""
-    return any(s.startswith("block") or "_block" in s for s in sites)
+    from vfm_align.models.task_model import is_layer_site
+
+    return any(is_layer_site(s) for s in sites)
 
 
 def _pick(feats: dict, sites) -> dict:

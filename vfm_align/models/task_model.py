@@ -17,6 +17,8 @@ volume: super-resolution, distortion correction). Dense and restore heads are
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,6 +26,18 @@ from flax import nnx
 from vfm_align.data.tasks import get_task
 from vfm_align.errors import ConfigError
 from vfm_align.models.heads.restoration import RestorationDecoder
+
+
+def is_layer_site(name: str) -> bool:
+    """A per-block feature site ("block3", "stage1_block0"): models give those only with ``layers=True``."""
+    return re.fullmatch(r"(stage\d+_)?block\d+", name) is not None
+
+
+def layer_sites(names) -> list[str]:
+    """The per-block sites among ``names``, in network order (stage, then block, by number)."""
+    found = [n for n in names if is_layer_site(n)]
+    return sorted(found, key=lambda n: tuple(int(v) for v in re.findall(r"\d+", n)) if "stage" in n
+                  else (0, int(n[5:])))
 
 
 def window_index(depth: int, window: int) -> jnp.ndarray:
@@ -79,15 +93,17 @@ class TaskModel(nnx.Module):
                                            ndim=ndim, residual=self.kind == "restore",
                                            residual_from=spec.restore_from or 0, rngs=rngs)
 
-    def _raw_features(self, x):
+    def _raw_features(self, x, layers: bool = False):
+        kw = {"layers": True} if layers else {}
         if self.family == "volume":
-            return self.backbone.features(x)
+            return self.backbone.features(x, **kw)
         s, pos = volume_to_slices(x, self.slice_channel, self.slice_window, self.slice_size)
-        return self.backbone.features(s, pos)
+        return self.backbone.features(s, pos, **kw)
 
-    def features(self, x: jax.Array) -> dict:
-        """Backbone features of a volume batch (slice backbones: one row per slice)."""
-        return self._raw_features(x)
+    def features(self, x: jax.Array, *, layers: bool = False) -> dict:
+        """Backbone features of a volume batch (slice backbones: one row per slice); ``layers=True`` adds the
+        per-block sites (:func:`layer_sites`)."""
+        return self._raw_features(x, layers)
 
     def __call__(self, x: jax.Array):
         feats = self._raw_features(x)

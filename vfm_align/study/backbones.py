@@ -109,8 +109,8 @@ class GridFeatures(nnx.Module):
         self.model = model
         self.name = backbone
 
-    def features(self, *args):
-        f = dict(self.model.features(*args))
+    def features(self, *args, layers: bool = False):
+        f = dict(self.model.features(*args, **({"layers": True} if layers else {})))
         if "patch_map" in f:
             return f
         if self.name in DENSE_SITES:

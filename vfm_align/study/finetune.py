@@ -17,12 +17,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vfm_align.align.cka import linear_cka
 from vfm_align.align.kernels import median_sigma
+from vfm_align.align.mmd import mmd
 from vfm_align.data.tasks import get_task
-from vfm_align.models.task_model import TaskModel
+from vfm_align.models.task_model import TaskModel, layer_sites
 from vfm_align.study import taskdata
 from vfm_align.study.backbones import GridFeatures, fresh_backbone
 from vfm_align.train.data import DrawnBatches
@@ -74,19 +77,47 @@ _INITIAL = _LRU(8)
 
 def grid_task_model(name: str, backbone: nnx.Module, task: str, input_shape, cfg, seed: int) -> TaskModel:
     """The study's TaskModel: a backbone with its dense ``patch_map`` (GridFeatures) and the task head."""
+    # A slice backbone built for another slice size (a converted ProViCNet: 448) gets its slices resized to it.
+    size = getattr(backbone.config, "img_size", None) if BACKBONES[name].family == "slices" else None
     return TaskModel(GridFeatures(backbone, name), task=task, family=BACKBONES[name].family, input_shape=input_shape,
                      num_outputs=get_task(task).num_outputs, head_hidden=int(cfg.head_hidden), feature_site="patch_map",
                      slice_channel=int(cfg.slice_channel), slice_window=int(cfg.slice_window),
-                     rngs=nnx.Rngs(seed))
+                     slice_size=int(size) if size and int(size) != input_shape[1] else None, rngs=nnx.Rngs(seed))
 
 
-def _steps(build, spec, cfg, steps: int, mesh, keep: int):
-    """The stacked train / eval / feature steps of one run shape, and one run's shardings."""
+def backbone_layers(build, input_shape) -> list[str]:
+    """The per-block feature sites of the model ``build`` makes, in network order (shapes only, no weights)."""
+    gdef, abstract = nnx.split(nnx.eval_shape(build))
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    feats = jax.eval_shape(lambda st, x: nnx.merge(gdef, st).features(x, layers=True), abstract, x)
+    return layer_sites(feats)
+
+
+def _steps(build, spec, cfg, steps: int, mesh, keep: int, input_shape):
+    """The stacked train / eval / feature steps of one run shape (and, for the layer profile, the per-block
+    feature step and its sites), and one run's shardings."""
     gdef_t, gdef_e, _, sh, tx = abstract_state(build, lambda p: make_optimizer(cfg.optim, p, steps)[0], mesh)
     objective = task_objective(spec.head, spec.loss, augment=bool(cfg.augment))
     train = jit_train_step(make_stacked_step(gdef_t, objective, tx), sh, mesh, stacked=True)
+    layers = tuple(backbone_layers(build, input_shape))
     return (sh, train, make_eval_step(gdef_e, sh, mesh, stacked=True),
-            make_feature_step(gdef_e, sh, mesh, tuple(cfg.sites), keep=keep, stacked=True))
+            make_feature_step(gdef_e, sh, mesh, tuple(cfg.sites), keep=keep, stacked=True),
+            (layers, make_feature_step(gdef_e, sh, mesh, layers, keep=keep, stacked=True,
+                                       max_rows=int(cfg.get("layer_rows", 2048)))))
+
+
+def layer_profile(start: dict, end: dict, layers, seed: int = 0) -> dict:
+    """{"layers", "mmd2", "cka", "sigma"}: per block (in ``layers`` order), the exact unbiased MMD^2 (bandwidth:
+    the median heuristic on that block's starting features) and linear CKA between one run's probe features
+    before and after fine-tuning, on the same rows."""
+    out = {"layers": list(layers), "mmd2": [], "cka": [], "sigma": []}
+    for name in layers:
+        x, y = np.asarray(start[name], np.float32), np.asarray(end[name], np.float32)
+        sigma = median_sigma(x, seed=seed)
+        out["mmd2"].append(float(mmd(x, y, sigma=sigma)))
+        out["cka"].append(float(linear_cka(x, y)))
+        out["sigma"].append(sigma)
+    return out
 
 
 def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict, probe: np.ndarray, cfg, mesh, *,
@@ -120,9 +151,11 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
     probe, n_probe = align_probe(probe, len(probe), mesh.size)
     key = (backbone, config, spec.head, spec.loss, spec.num_outputs, input_shape, steps, bool(cfg.augment),
            int(cfg.head_hidden), int(cfg.slice_channel), int(cfg.slice_window), tuple(cfg.sites), n_probe,
+           int(cfg.get("layer_rows", 2048)),
            cfg.optim.to_json(sort_keys=True), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
-    sh, train_step, eval_step, feature_step = _COMPILED.get(
-        key, lambda: _steps(build_for(seeds[0]), spec, cfg, steps, mesh, n_probe))
+    sh, train_step, eval_step, feature_step, (layers, layer_step) = _COMPILED.get(
+        key, lambda: _steps(build_for(seeds[0]), spec, cfg, steps, mesh, n_probe, input_shape))
+    profile = bool(cfg.get("layer_profile", True)) and bool(layers)
 
     make_tx = lambda p: make_optimizer(cfg.optim, p, steps)[0]  # noqa: E731
     states = []
@@ -144,6 +177,8 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
         return [{s: f[i] for s, f in feats.items()} for i in range(len(runs))]
 
     start = run_features(state)
+    # Each block's probe features before fine-tuning, kept on the host for the layer profile at the end.
+    start_layers = jax.device_get(layer_step(state, probe_x)) if profile else None
     if sigma is None:  # the pretrained model's probe features fix the kernel (any run, any seed: the same σ)
         ref = next((i for i, r in enumerate(runs) if r.pretrained is not None), 0)
         sigma = {s: median_sigma(np.asarray(f), seed=0) for s, f in start[ref].items()}
@@ -179,12 +214,16 @@ def run_finetunes(backbone: str, config, runs: list[Run], task: str, data: dict,
                       log_every=every, stop=stop, stacked=True, desc=desc, progress=progress, leave=False)
     # The final metric, once, on the test split (a diverged run: its last good weights).
     test_outs = np.asarray(jax.device_get(eval_step(loop.state, global_batch({"x": data["test"]["image"]}, mesh)["x"])))
+    end_layers = jax.device_get(layer_step(loop.state, probe_x)) if profile else None
     out = []
     for i, (m, feats, c) in enumerate(zip(monitors, run_features(loop.state), curves)):
         post = m.rows(feats)  # paired features before/after for the permutation test (pre = banked)
         out.append({"curve": c, "final_metric": taskdata.evaluate(task, test_outs[i], data["test"], seed=seeds[i]),
                     "final_val_metric": c["metric"][-1], "sigma": sigma, "metric_name": spec.primary,
                     "diverged_step": loop.diverged.get(i),
+                    "layer_profile": (layer_profile({n: start_layers[n][i] for n in layers},
+                                                    {n: end_layers[n][i] for n in layers}, layers, seeds[i])
+                                      if profile else None),
                     "pairs": {s: (np.asarray(m.pre[s]), np.asarray(post[s])) for s in m.sites}})
     return out
 

@@ -266,6 +266,37 @@ def transfer_figure(results, path: str, target: str = "gap_closed"):
     plt.close(fig)
 
 
+def layer_profile_figure(profiles: dict, path: str, init: str = "pretrained"):
+    """Where fine-tuning changes each network: one column per backbone, MMD^2 (top) and linear CKA (bottom)
+    between each block's probe features before and after fine-tuning from ``init`` weights (x: the blocks in
+    network order), one line per task, mean ± SD over seeds."""
+    by_backbone = {}
+    for pair, inits in profiles.items():
+        if init in inits:
+            b, t = pair.split("/", 1)
+            by_backbone.setdefault(b, {})[t] = inits[init]
+    fig, axes = plt.subplots(2, len(by_backbone), figsize=(4.4 * len(by_backbone), 6.2), squeeze=False)
+    for col, (b, tasks) in enumerate(by_backbone.items()):
+        layers = next(iter(tasks.values()))["layers"]
+        x = np.arange(len(layers))
+        for i, (t, p) in enumerate(tasks.items()):
+            for row, k in enumerate(("mmd2", "cka")):
+                axes[row][col].errorbar(x, p[f"{k}_mean"], yerr=p[f"{k}_sd"], fmt=MARKERS[i % len(MARKERS)] + "-",
+                                        ms=4, capsize=2, lw=1, elinewidth=0.8, label=t)
+        for row, ylabel in enumerate(("MMD\u00b2 before vs after", "linear CKA before vs after")):
+            ax = axes[row][col]
+            ax.set_xticks(x, [n.replace("stage", "s").replace("_block", ".b") for n in layers], rotation=60,
+                          fontsize=7)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(f"{b} ({init} init)", fontsize=10)
+        axes[1][col].set_xlabel("block (input \u2192 output)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def transfer_html(results, target: str = "gap_closed") -> str:
     rows = []
     for name, sc in (results.get("transferability") or {}).items():
@@ -396,6 +427,9 @@ def write_replicate_figures(results, out_dir: str, measure: str, target: str = "
     if results.get("transferability"):
         paths.append(os.path.join(fig_dir, "transferability_vs_gain.png"))
         transfer_figure(results, paths[-1], target)
+    if results.get("layer_profile"):
+        paths.append(os.path.join(fig_dir, "layer_profile.png"))
+        layer_profile_figure(results["layer_profile"], paths[-1])
     runs = results.get("runs") or {}
     sites = sorted({k.split("/")[1] for r in runs.values() for k in r.get("curve", {}) if k.startswith("align/")})
     if runs:
@@ -437,7 +471,9 @@ per seed (pretrained and random-init runs of one seed share head initialisation 
 (pretrained \u2212 random) / max(|random|, floor) is a secondary column. Final metrics on the test split; convergence
 (first evaluated step reaching 90% of the run's final improvement) on the validation split. Each pair: mean \u00b1 SD
 across seeds. Correlations on pair means; intervals from a hierarchical bootstrap (pairs, then seeds within pairs);
-p-values from permuting alignment among the tasks of one backbone.</p>
+p-values from permuting alignment among the tasks of one backbone. The layer profile repeats the before/after
+comparison at every block of each backbone (exact MMD² with σ from that block's starting features, and linear
+CKA), from pretrained weights: where in the network fine-tuning moved the features.</p>
 <h2>Main figures</h2>{''.join(_img(f) for f in figs if "curves_" not in f)}
 <h2>Correlations</h2>{correlations_html(results.get("correlations", {}))}
 <h2>Per task (mean \u00b1 SD across seeds)</h2>{pairs_table_html(results["pairs"], measures)}

@@ -60,6 +60,8 @@ def cohort_sources(cfg) -> dict:
     fine = c.manifest or {"generator": "phantom", "cases": int(c.cases), "shape": shape, "seed": int(cfg.seed)}
     pre = c.get("pretrain_manifest") or {"generator": "phantom", "cases": int(c.get("pretrain_cases", 0) or c.cases),
                                          "shape": shape, "seed": int(cfg.seed) + 1}
+    if all(b.get("weights") for b in cfg.backbones) and not c.get("pretrain_manifest"):
+        pre = None  # nothing pretrains here: the given weights' own pretraining data is not known to this study
     return {"finetune": fine, "pretrain": pre}
 
 
@@ -71,14 +73,28 @@ def prepare_cohorts(cfg, out_dir: str, sources: dict) -> tuple[str, str]:
     if isinstance(fine, dict):
         fine = make_phantom(os.path.join(out_dir, "cohort"), fine["cases"], shape=tuple(fine["shape"]),
                             seed=fine["seed"], workers=1, progress=False)
-    if isinstance(pre, dict):
+    if isinstance(pre, dict):  # (None: no pretraining cohort)
         pre = make_pretraining_phantom(os.path.join(out_dir, "pretrain_cohort"), pre["cases"],
                                        shape=tuple(pre["shape"]), seed=pre["seed"], finetune_seed=int(cfg.seed))
     return fine, pre
 
 
 def load(cfg, manifest: str) -> dict:
-    return taskdata.load_cohort(manifest, crop=tuple(cfg.cohort.crop) if cfg.cohort.get("crop") else None)
+    c = cfg.cohort
+    return taskdata.load_cohort(manifest, crop=tuple(c.crop) if c.get("crop") else None,
+                                grid=tuple(c.grid) if c.get("grid") else None,
+                                spacing=tuple(c.spacing) if c.get("spacing") else None)
+
+
+def input_shape(b, config, grid) -> tuple:
+    """The (D, H, W) a study backbone fine-tunes on: its ``input_shape`` when set, else the size its model was
+    built for (the MAE-ViT's positional table), else the cohort's grid."""
+    if b.get("input_shape"):
+        return tuple(int(v) for v in b.input_shape)
+    fixed = getattr(config, "img_size", None)
+    if b.backbone == "profound_mae" and fixed:
+        return tuple(int(v) for v in fixed)
+    return tuple(grid)
 
 
 def _backbone_dirs(cfg, pre_manifest, out_dir, console, progress) -> dict:
@@ -163,13 +179,20 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
     if len(set(names)) != len(names):
         raise ConfigError(f"backbone names must be unique, got {names}")
     seeds = finetune_seeds(cfg)
+    missing = [f"backbones.{i}.weights ({b.name}, {b.backbone})" for i, b in enumerate(cfg.backbones)
+               if not b.get("weights")]
+    if cfg.get("require_weights") and missing:
+        raise ConfigError("this study fine-tunes given weights and pretrains nothing; set " + ", ".join(missing)
+                          + " to model directories (vfm-align convert CHECKPOINT --out DIR)")
     sources = cohort_sources(cfg)
-    plan = check_resume(out_dir, cfg, sources, overwrite=overwrite)
+    plan = check_resume(out_dir, cfg, {k: v for k, v in sources.items() if v is not None}, overwrite=overwrite)
     _apply_plan(plan, out_dir, sources, console)
     with atomic_file(os.path.join(out_dir, "config.json")) as tmp, open(tmp, "w") as fh:
         fh.write(cfg.to_json_best_effort(indent=1))
     fine_manifest, pre_manifest = prepare_cohorts(cfg, out_dir, sources)
-    disjoint = check_disjoint(pre_manifest, fine_manifest, content=isinstance(sources["finetune"], dict))
+    disjoint = (check_disjoint(pre_manifest, fine_manifest, content=isinstance(sources["finetune"], dict))
+                if pre_manifest else {"checked": False, "note": "no pretraining cohort: every backbone was given as "
+                                      "weights, whose pretraining data this study cannot see"})
     cohort = load(cfg, fine_manifest)
     dirs = _backbone_dirs(cfg, pre_manifest, out_dir, console, progress)
     mesh = study_mesh(cfg.mesh)
@@ -205,7 +228,12 @@ def run_study(cfg, out_dir: str, *, progress: bool = True, overwrite: bool = Fal
         if int(cfg.get("transfer_cases", 0)) and any(i == "pretrained" for i, _, _ in todo):
             transfer = transfer_scores(pretrained, meta["arch"], cohort, t, int(cfg.seed), int(cfg.transfer_cases))
         runs = [Run(pretrained if init == "pretrained" else None, seed) for init, seed, _ in todo]
-        results = run_finetunes(b.backbone, config, runs, t, task_data[t], probe, cfg.finetune, mesh, sigma=sigma,
+        data, x_probe = task_data[t], probe
+        shape = input_shape(b, config, cohort["image"].shape[1:4])
+        if shape != tuple(cohort["image"].shape[1:4]):  # this backbone's input size: centre crop / pad
+            data = taskdata.fit_task_data(data, shape)
+            x_probe = taskdata.fit_task_data({"probe": {"image": probe}}, shape)["probe"]["image"]
+        results = run_finetunes(b.backbone, config, runs, t, data, x_probe, cfg.finetune, mesh, sigma=sigma,
                                 desc=f"{label} {b.name}/{t} x{len(runs)}", progress=progress, stop=stop)
         pair_sigma[(b.name, t)] = results[0]["sigma"]
         for (init, seed, path), res in zip(todo, results):
@@ -264,6 +292,10 @@ def _saved_sigma(out_dir, backbone, task):
 
 
 def _pretrain_description(cfg, manifest) -> dict:
+    if manifest is None:
+        return {"manifest": None, "num_cases": {}, "case_ids": {},
+                "note": "none: every backbone was given as weights (their own pretraining data; overlap with the "
+                        "fine-tuning cohort cannot be checked here)"}
     d = describe_cohort(manifest)
     if all(b.get("weights") for b in cfg.backbones):
         d["note"] = "not used: every backbone was given as weights"
@@ -345,7 +377,8 @@ def summarise(cfg, out_dir: str, design: dict) -> dict:
     measure = f"mmd2_{site}"
     results = {"design": design, "primary_site": site, "primary_measure": measure, "primary_target": "gap_closed",
                **stats, "runs": runs, "finding": describe_finding(stats, measure),
-               "transferability": transferability(cfg, runs, stats["pairs"], info)}
+               "transferability": transferability(cfg, runs, stats["pairs"], info),
+               "layer_profile": layer_profiles(runs)}
     write_json(os.path.join(out_dir, "results.json"), results)
     rows = []
     for p in stats["pairs"]:
@@ -359,6 +392,27 @@ def summarise(cfg, out_dir: str, design: dict) -> dict:
         w.writeheader()
         w.writerows(rows)
     return results
+
+
+def layer_profiles(runs: dict) -> dict:
+    """Per (backbone, task) and init: each block's MMD^2 and CKA before vs after fine-tuning, mean and SD over the
+    seeds (diverged runs left out), in network order; {} when the runs carry no layer profile."""
+    groups = {}
+    for r in runs.values():
+        prof = r.get("layer_profile")
+        if prof and r.get("diverged_step") is None:
+            groups.setdefault(f"{r['backbone']}/{r['task']}", {}).setdefault(r["init"], []).append(prof)
+    out = {}
+    for pair, by_init in groups.items():
+        out[pair] = {}
+        for init, profs in by_init.items():
+            entry = {"layers": profs[0]["layers"], "seeds": len(profs)}
+            for k in ("mmd2", "cka"):
+                v = np.array([p[k] for p in profs], np.float64)
+                entry[f"{k}_mean"] = v.mean(0).tolist()
+                entry[f"{k}_sd"] = (v.std(0, ddof=1) if len(v) > 1 else np.zeros(v.shape[1])).tolist()
+            out[pair][init] = entry
+    return out
 
 
 def transferability(cfg, runs: dict, pairs: list, info: dict) -> dict:

@@ -11,12 +11,14 @@ import os
 
 import numpy as np
 
+from vfm_align.data.augment import crop_or_pad
 from vfm_align.data.cache import Recipe, preprocess_case
 from vfm_align.data.cohort import read_manifest
+from vfm_align.data.preprocess_profound import plan_center_crop_pad
 from vfm_align.data.tasks import TASKS, get_task
 from vfm_align.errors import DataError
 
-__all__ = ["TASKS", "load_cohort", "make_task_data", "evaluate"]
+__all__ = ["TASKS", "load_cohort", "make_task_data", "fit_task_data", "evaluate"]
 
 
 def _center_crop(a: np.ndarray, hw) -> np.ndarray:
@@ -27,17 +29,21 @@ def _center_crop(a: np.ndarray, hw) -> np.ndarray:
     return np.ascontiguousarray(a[:, y0:y0 + hw[0], x0:x0 + hw[1]])
 
 
-def load_cohort(manifest: str | os.PathLike, *, crop=None) -> dict:
+def load_cohort(manifest: str | os.PathLike, *, crop=None, grid=None, spacing=None) -> dict:
     """Every case of a manifest, preprocessed (RAS+, per-channel non-zero z-score) and stacked.
 
+    ``spacing`` (D, H, W) mm: resample every case to it first (None: keep each case's grid).
+    ``grid`` (D, H, W): then centre crop / zero pad every case to it (a real cohort's cases differ in size).
     ``crop`` (H, W): keep the in-plane centre only (the gland sits near the centre of the field of
     view), so small models see it at full resolution.
     """
     cohort = read_manifest(os.fspath(manifest))
-    recipe = Recipe()
+    recipe = Recipe(spacing=tuple(float(v) for v in spacing) if spacing else None)
     samples = []
     for case in cohort.cases:
         p = preprocess_case(case, recipe)
+        if grid:
+            p = crop_or_pad(p, grid)
         if crop:
             p = {**p, **{k: _center_crop(p[k], crop) for k in ("image", "gland", "lesion")}}
         samples.append({"image": p["image"], "gland": p["gland"], "lesion": p["lesion"], "labels": dict(case.labels),
@@ -73,6 +79,22 @@ def make_task_data(cohort: dict, task: str, *, seed: int = 0) -> dict:
     out = {"train": {"image": x[split == "train"], "target": y[split == "train"]}}
     for s in ("val", "test"):
         out[s] = {"image": x[split == s], "target": y[split == s], "gland": gland[split == s]}
+    return out
+
+
+def fit_task_data(data: dict, shape) -> dict:
+    """:func:`make_task_data`'s arrays centre cropped / zero padded to a backbone's input ``shape`` (D, H, W):
+    images and every voxel-wise target or mask; labels are left as they are."""
+    shape = tuple(int(s) for s in shape)
+    out = {}
+    for split, arrays in data.items():
+        grid = tuple(arrays["image"].shape[1:4])
+        if grid == shape:
+            out[split] = arrays
+            continue
+        plan = plan_center_crop_pad(grid, shape)
+        out[split] = {k: (np.stack([plan.apply(a) for a in v]) if v.ndim >= 4 and v.shape[1:4] == grid else v)
+                      for k, v in arrays.items()}
     return out
 
 

@@ -18,11 +18,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vfm_align.models.task_model import is_layer_site
 from vfm_align.train import losses as L
 from vfm_align.train.mesh import BATCH_AXES, batch_sharding
 
@@ -210,20 +212,29 @@ def make_eval_step(gdef_eval, shardings, mesh, compute_dtype=jnp.float32, *, sta
     return jax.jit(run, in_shardings=(shardings, bs), out_shardings=bs)
 
 
-def make_feature_step(gdef_eval, shardings, mesh, sites, *, keep: int | None = None, stacked: bool = False):
+def make_feature_step(gdef_eval, shardings, mesh, sites, *, keep: int | None = None, stacked: bool = False,
+                      max_rows: int | None = None):
     """Backbone features at ``sites``, each flattened to (samples, width) for alignment scoring.
 
+    Per-block sites ("block3", "stage1_block0") run the model with ``layers=True``.
     ``keep``: only the first ``keep`` samples' rows (the rest padded the probe set to the device count).
+    ``max_rows``: at most this many rows per site, a fixed seeded subset (the same rows on every call, so
+    features of two states stay paired); dense per-block maps at full size can be millions of rows.
     ``stacked``: features of every run, (R, rows, width), on one shared input.
     """
 
+    layers = any(is_layer_site(s) for s in sites)
+
     def run(state, image):
         model = nnx.merge(gdef_eval, state["params"], state["rest"])
-        feats = model.features(image)
+        feats = model.features(image, layers=True) if layers else model.features(image)
         out = {}
         for s in sites:
             f = feats[s].reshape(-1, feats[s].shape[-1]).astype(jnp.float32)  # sample-major rows
-            out[s] = f if keep is None else f[: f.shape[0] // image.shape[0] * keep]
+            f = f if keep is None else f[: f.shape[0] // image.shape[0] * keep]
+            if max_rows is not None and f.shape[0] > max_rows:  # a fixed row subset, taken on the device
+                f = f[np.sort(np.random.default_rng(0).choice(f.shape[0], max_rows, replace=False))]
+            out[s] = f
         return out
 
     if stacked:
