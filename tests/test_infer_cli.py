@@ -121,6 +121,40 @@ def test_finetuned_segmentation_run_on_las_volume(volumes, tmp_path):
     assert cli_main(["infer", "--model", run, "--image", volumes["t2w"], "--out", str(out), "--quiet"]) == 1
 
 
+def test_exported_task_model_works_without_its_run(volumes, tmp_path):
+    """The exported model directory alone (copied elsewhere, the run deleted) predicts exactly as the run did."""
+    import shutil
+
+    import vfm_align
+    from vfm_align.infer.loading import export_task_model, restore_run
+    from vfm_align.model_io import read_sidecar
+
+    run = _fake_run(tmp_path, "profound_conv", "segmentation")
+    exported = export_task_model(run)
+    assert exported == os.path.join(run, "model")
+    x = np.random.default_rng(0).normal(size=(1, 4, 16, 16, 3)).astype(np.float32)
+    want = np.asarray(restore_run(run)[1](x)[0])
+    from_run = tmp_path / "from_run"
+    assert cli_main(["infer", "--model", run, "--image", volumes["t2w"], "--out", str(from_run), "--quiet"]) == 0
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(exported, moved)
+    shutil.rmtree(run)
+
+    side = read_sidecar(moved)
+    assert side["arch"] == "task_model" and side["task"] == "segmentation"
+    assert side["config"]["backbone_arch"] == "profound_conv" and side["config"]["input_shape"] == [4, 16, 16, 3]
+    assert side["preprocessing"]["name"] == "finetune_cache" and side["finetuned"]["checkpoint"] == "last"
+    model = vfm_align.load(moved)  # the registry rebuilds backbone + head from the sidecar
+    np.testing.assert_array_equal(np.asarray(model(x)[0]), want)
+
+    out = tmp_path / "from_export"
+    assert cli_main(["infer", "--model", str(moved), "--image", volumes["t2w"], "--out", str(out), "--quiet"]) == 0
+    pred = json.load(open(out / "prediction.json"))
+    assert pred["model"]["task"] == "segmentation" and pred["preprocessing"]["name"] == "finetune_cache"
+    np.testing.assert_array_equal(_check_grid(str(out / "prob.nii.gz"), 4),
+                                  _check_grid(str(from_run / "prob.nii.gz"), 4))
+
+
 def _manifest(volumes, tmp_path, n=2):
     path = tmp_path / "manifest.csv"
     with open(path, "w", newline="") as fh:

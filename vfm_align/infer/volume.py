@@ -58,6 +58,15 @@ def from_canonical_array(x_dhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return _apply_xfm(x_dhw, ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")), current))
 
 
+def finetune_recipe() -> dict:
+    """The "finetune_cache" preprocessing as recorded in predictions and exported models' sidecars."""
+    from vfm_align.data.cache import Recipe
+
+    return {"name": "finetune_cache", "cache_recipe": dataclasses.asdict(Recipe()), "channels": ["t2w", "dwi", "adc"],
+            "missing_channels": "zeros", "reorient": "RAS+ (the training cache's), outputs reoriented back onto the "
+                                                     "input grid"}
+
+
 def _predictor(model: InferenceModel):
     """(predict(state, x), state): the model's jittable window function, built once per model so its compiled
     steps are reused across cases; the weights go in as an argument (not as constants of the executable)."""
@@ -93,8 +102,7 @@ def _input(model: InferenceModel, images: dict, case=None):
         return inp.image, inp.reference, (lambda y: y), recipe
     from vfm_align.data.cache import Recipe, preprocess_case, zscore_nonzero
 
-    recipe = {"name": "finetune_cache", "cache_recipe": dataclasses.asdict(Recipe()), "channels": ["t2w", "dwi", "adc"],
-              "missing_channels": "zeros", "outputs": "reoriented back onto the input grid"}
+    recipe = finetune_recipe()
     if case is not None:
         sample = preprocess_case(case, Recipe())
         ref = load_volume(case.paths["t2w"], kind="t2w")
