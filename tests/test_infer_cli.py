@@ -133,7 +133,8 @@ def test_exported_task_model_works_without_its_run(volumes, tmp_path):
     exported = export_task_model(run)
     assert exported == os.path.join(run, "model")
     x = np.random.default_rng(0).normal(size=(1, 4, 16, 16, 3)).astype(np.float32)
-    want = np.asarray(restore_run(run)[1](x)[0])
+    forward = nnx.jit(lambda m, v: m(v)[0])  # one compile for both models (the same graph)
+    want = np.asarray(forward(restore_run(run)[1], x))
     from_run = tmp_path / "from_run"
     assert cli_main(["infer", "--model", run, "--image", volumes["t2w"], "--out", str(from_run), "--quiet"]) == 0
     moved = tmp_path / "elsewhere" / "model"
@@ -145,7 +146,7 @@ def test_exported_task_model_works_without_its_run(volumes, tmp_path):
     assert side["config"]["backbone_arch"] == "profound_conv" and side["config"]["input_shape"] == [4, 16, 16, 3]
     assert side["preprocessing"]["name"] == "finetune_cache" and side["finetuned"]["checkpoint"] == "last"
     model = vfm_align.load(moved)  # the registry rebuilds backbone + head from the sidecar
-    np.testing.assert_array_equal(np.asarray(model(x)[0]), want)
+    np.testing.assert_array_equal(np.asarray(forward(model, x)), want)
 
     out = tmp_path / "from_export"
     assert cli_main(["infer", "--model", str(moved), "--image", volumes["t2w"], "--out", str(out), "--quiet"]) == 0
@@ -221,6 +222,18 @@ def test_real_finetune_run_then_infer_and_evaluate(tmp_path):
     for model in (str(run), str(run / "backbone")):  # the run, or its exported backbone inside it
         assert cli_main(["infer", "--model", model, "--data", str(cohort / "manifest.csv"), "--split", "test",
                          "--out", str(preds), "--quiet"]) == 0
+    # the exported task model, alone elsewhere, predicts the same maps
+    import shutil
+
+    moved = tmp_path / "moved_model"
+    shutil.copytree(run / "model", moved)
+    alone = tmp_path / "preds_export"
+    assert cli_main(["infer", "--model", str(moved), "--data", str(cohort / "manifest.csv"), "--split", "test",
+                     "--out", str(alone), "--quiet"]) == 0
+    for case in os.listdir(alone):
+        if os.path.isdir(alone / case):
+            np.testing.assert_array_equal(np.asarray(nib.load(alone / case / "prob.nii.gz").dataobj),
+                                          np.asarray(nib.load(preds / case / "prob.nii.gz").dataobj))
     assert cli_main(["evaluate", "--pred", str(preds), "--data", str(cohort / "manifest.csv"), "--task",
                      "segmentation", "--quiet"]) == 0
     summary = json.load(open(preds / "summary.json"))
