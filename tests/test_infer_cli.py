@@ -156,6 +156,40 @@ def test_exported_task_model_works_without_its_run(volumes, tmp_path):
                                   _check_grid(str(from_run / "prob.nii.gz"), 4))
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="three ConvNeXt passes (about a minute on a busy "
+                    "2-core machine); VFM_ALIGN_SLOW=1")
+def test_reorient_ras_is_opt_in_for_converted_profound(volumes, tmp_path):
+    """Default: the stored voxel order (the reference); --reorient ras: the same as the volume stored in RAS+."""
+    import dataclasses
+
+    from vfm_align.errors import ConfigError
+    from vfm_align.infer.loading import load_for_inference
+    from vfm_align.infer.volume import predict_volume
+
+    cfg = dict(depths=(1, 1, 1, 1), dims=(4, 8, 8, 8), dwconv_impl="lax", bottleneck_dim=8, num_classes=3)
+    model = load_for_inference(save_model(build_model("profound_conv_cls", cfg, rngs=nnx.Rngs(0)),
+                                          "profound_conv_cls", cfg, tmp_path / "cls"))
+    model.roi = (4, 16, 16)
+    # the LAS volume written in RAS+ by hand: voxel x reversed, the x column of the affine negated and its origin
+    # moved to the other end of the row, so every voxel keeps its world position
+    data = np.asarray(nib.load(volumes["t2w"]).dataobj, np.float32)[::-1]
+    ras = LAS.copy()
+    ras[:, 0] *= -1
+    ras[0, 3] = LAS[0, 3] + LAS[0, 0] * (SHAPE_XYZ[0] - 1)
+    ras_path = _write(tmp_path / "t2w_ras.nii.gz", data, ras)
+    reoriented = predict_volume(model, {"t2w": volumes["t2w"]}, reorient="ras")
+    stored_ras = predict_volume(model, {"t2w": ras_path})
+    as_stored = predict_volume(model, {"t2w": volumes["t2w"]})
+    np.testing.assert_array_equal(reoriented.arrays["probs"], stored_ras.arrays["probs"])
+    assert not np.allclose(as_stored.arrays["probs"], stored_ras.arrays["probs"], rtol=1e-6, atol=0)
+    assert as_stored.preprocessing["reorient"] == "none (as the reference)"
+    assert reoriented.preprocessing["reorient"].startswith("RAS+")
+    finetuned = dataclasses.replace(model, recipe="finetune_cache", finetuned=True)  # always reoriented to RAS+
+    with pytest.raises(ConfigError, match="reorient"):
+        predict_volume(finetuned, {"t2w": volumes["t2w"]}, reorient="ras")
+
+
 def _manifest(volumes, tmp_path, n=2):
     path = tmp_path / "manifest.csv"
     with open(path, "w", newline="") as fh:
