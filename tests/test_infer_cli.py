@@ -157,7 +157,7 @@ def test_exported_task_model_works_without_its_run(volumes, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="three ConvNeXt passes (about a minute on a busy "
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="three ConvNeXt passes (26-77 s on a busy "
                     "2-core machine); VFM_ALIGN_SLOW=1")
 def test_reorient_ras_is_opt_in_for_converted_profound(volumes, tmp_path):
     """Default: the stored voxel order (the reference); --reorient ras: the same as the volume stored in RAS+."""

@@ -177,8 +177,11 @@ def _load_exported(path: str, meta: dict, text: str) -> InferenceModel:
     if recipe != finetune_recipe()["name"]:
         raise CheckpointError(f"{path}: exported task model with preprocessing recipe '{recipe}'; this version "
                               f"applies '{finetune_recipe()['name']}'")
-    module = load(path)
-    cfg = meta["config"]
-    return InferenceModel(path, cfg["backbone_arch"], cfg["task"], module, "finetune_cache",
-                          tuple(int(s) for s in cfg["input_shape"][:3]), _activation(cfg["task"]), _sha(text),
+    module = load(path)  # checks the sidecar's config (a TaskModelConfig) against the stored arrays
+    from vfm_align.models.registry import config_from_dict
+    from vfm_align.models.task_model import TASK_MODEL_ARCH
+
+    cfg = config_from_dict(TASK_MODEL_ARCH, meta["config"])
+    return InferenceModel(path, cfg.backbone_arch, cfg.task, module, "finetune_cache",
+                          tuple(int(s) for s in cfg.input_shape[:3]), _activation(cfg.task), _sha(text),
                           finetuned=True)
