@@ -148,4 +148,4 @@ def test_the_arch_registry_is_filled_by_the_decorators_alone():
     names = set(re.findall(r'^@register\("([a-z0-9_]+)"', src, re.M))
     names |= {m for c in re.findall(r"^@register\(([A-Z_]+),", src, re.M)
               for m in re.findall(rf'^{c} = "([a-z0-9_]+)"', src, re.M)}
-    assert len(names) == 7 and set(known_archs()) == names
+    assert len(names) == 8 and set(known_archs()) == names

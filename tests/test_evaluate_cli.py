@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vfm_align.cli import main as cli_main
+from vfm_align.cli.evaluate import case_scores, load_cases, slice_centre, worst_and_best
 from vfm_align.data.nifti import load_volume
 from vfm_align.data.tasks import get_task
 from vfm_align.infer.outputs import write_case
@@ -49,6 +50,18 @@ def cohort(tmp_path_factory):
     return {"manifest": str(manifest), "rows": rows, "dir": d}
 
 
+def _png_height(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path)).shape[0]
+
+
+def _chosen(tmp_path, manifest, task_name, result):
+    """worst_and_best as `evaluate` computes it, from the written predictions and metrics."""
+    task = get_task(task_name)
+    return worst_and_best(case_scores(task, result, load_cases(str(tmp_path), manifest, task, "all")))
+
+
 def _masks(row, name):
     return np.asarray(nib.load(row[name]).dataobj).transpose(2, 1, 0).astype(np.int32)  # (D, H, W), native grid
 
@@ -82,7 +95,17 @@ def test_segmentation_summary(cohort, tmp_path):
             assert m["IoU"] == pytest.approx(tp / (tp + fp + fn) if tp + fp + fn else 1.0)
     assert s["metric_per_case"][2]["metrics"]["2"]["Dice"] == 1.0
     assert s["mean"]["1"]["Dice"] == pytest.approx(np.mean([c["metrics"]["1"]["Dice"] for c in s["metric_per_case"]]))
-    assert os.path.getsize(tmp_path / "segmentation.png") > 0
+    assert _png_height(tmp_path / "segmentation.png") > 400  # the box plot and two rows of overlays below it
+    # the overlaid worst / best cases: arg-min / arg-max of the per-case mean foreground Dice, computed here
+    dice = []
+    for p, t in zip(preds, targets):
+        per_class = [2 * np.sum((p == k) & (t == k)) / (np.sum(p == k) + np.sum(t == k))
+                     if np.sum(p == k) + np.sum(t == k) else 1.0 for k in (1, 2)]
+        dice.append(np.mean(per_class))
+    ids = [r["case_id"] for r in cohort["rows"]]
+    assert len(set(np.round(dice, 12))) == 3  # distinct, so the choice is unambiguous
+    assert _chosen(tmp_path, cohort["manifest"], "segmentation", s) == (ids[int(np.argmin(dice))],
+                                                                         ids[int(np.argmax(dice))])
 
 
 def test_detection_and_classification(cohort, tmp_path):
@@ -92,7 +115,12 @@ def test_detection_and_classification(cohort, tmp_path):
     for i, row in enumerate(cohort["rows"]):
         ref = load_volume(row["t2w"])
         target = (_masks(row, "lesion") >= 2).astype(np.int32)
-        lik = np.clip(0.2 * rng.random(target.shape) + 0.7 * target * (i + 1) / 3, 0, 1).astype(np.float32)
+        lik = 0.2 * rng.random(target.shape)
+        if i == 0:  # part of the lesion found: 0 < Dice < 1
+            lik += 0.7 * target * rng.random(target.shape)
+        if i == 2:  # a false positive in a case without csPCa: Dice 0 (c1, with nothing in either, scores 1)
+            lik[1, 2:4, 2:4] = 0.9
+        lik = lik.astype(np.float32)
         write_case(str(det_dir / row["case_id"]), "detection", ref, {"likelihood": lik}, {"case_id": row["case_id"]},
                    threshold=0.5)
         p = np.array([1 - 0.3 * (i + 1), 0.3 * (i + 1)])
@@ -107,6 +135,17 @@ def test_detection_and_classification(cohort, tmp_path):
                          "--bootstrap", "50"]) == 0
         assert os.path.getsize(d / f"{task}.png") > 0
     det = json.load(open(det_dir / "metrics.json"))
+    assert _png_height(det_dir / "detection.png") > 400  # FROC/ROC and two rows of overlays
+    # worst / best detection case: the Dice of (likelihood > 0.5) against the reference, 1 when both are empty
+    dice = []
+    for lik, t in zip(liks, targets):
+        p = lik > 0.5
+        denom = p.sum() + t.sum()
+        dice.append(2 * np.sum(p & (t > 0)) / denom if denom else 1.0)
+    assert len(set(np.round(dice, 12))) == 3
+    ids = [r["case_id"] for r in cohort["rows"]]
+    assert _chosen(det_dir, cohort["manifest"], "detection", det) == (ids[int(np.argmin(dice))],
+                                                                       ids[int(np.argmax(dice))])
     expected = get_task("detection").evaluate(liks, targets)
     assert det["task_metrics"] == pytest.approx(expected, abs=1e-12)
     assert det["AP"] == pytest.approx(expected["ap"]) and det["ranking_score"] == pytest.approx(expected["picai_score"])
@@ -132,10 +171,11 @@ def test_restoration_metrics(cohort, tmp_path):
     task = get_task("super_resolution")
     rng = np.random.default_rng(3)
     preds, targets, glands = [], [], []
+    noise = {"c0": 0.1, "c1": 0.4, "c2": 0.02}  # c1 the worst PSNR by construction, c2 the best
     for c in read_manifest(cohort["manifest"]).cases:
         s = preprocess_case(c, Recipe())
         target = task.make({**s, "labels": {}, "case_id": c.case_id, "spacing": s["meta"]["spacing"]})[1]
-        pred = (target + 0.1 * rng.normal(size=target.shape)).astype(np.float32)  # on the RAS+ training grid
+        pred = (target + noise[c.case_id] * rng.normal(size=target.shape)).astype(np.float32)  # RAS+ training grid
         ref = load_volume(c.paths["t2w"])
         write_case(str(tmp_path / c.case_id), task.name, ref, {"restored": from_canonical_array(pred, ref.affine)},
                    {"case_id": c.case_id}, threshold=0.5)
@@ -147,3 +187,24 @@ def test_restoration_metrics(cohort, tmp_path):
     m = json.load(open(tmp_path / "metrics.json"))
     assert m["task_metrics"] == pytest.approx(task.evaluate(preds, targets, glands), abs=1e-9)
     assert m["per_case"]["c1"] == pytest.approx(task.evaluate(preds[1:2], targets[1:2], glands[1:2]), abs=1e-9)
+    # worst / best by PSNR inside the gland, written out here
+    psnr = []
+    for p, t, g in zip(preds, targets, glands):
+        t, p = t[..., 0][g > 0].astype(np.float64), p[..., 0][g > 0].astype(np.float64)
+        psnr.append(10 * np.log10((t.max() - t.min()) ** 2 / np.mean((p - t) ** 2)))
+    assert (int(np.argmin(psnr)), int(np.argmax(psnr))) == (1, 2)
+    assert _chosen(tmp_path, cohort["manifest"], task.name, m) == ("c1", "c2")
+    assert _png_height(tmp_path / f"{task.name}.png") > 400
+
+
+def test_slice_centre_cuts_the_mask():
+    crescent = np.zeros((5, 20, 20), np.uint8)
+    yy, xx = np.mgrid[:20, :20]
+    ring = ((yy - 10) ** 2 + (xx - 10) ** 2 < 64) & ((yy - 10) ** 2 + (xx - 13) ** 2 >= 36)
+    crescent[2] = ring
+    d, h, w = slice_centre(crescent)
+    assert crescent[d, h, w] == 1  # the centroid itself lies outside a crescent; the chosen voxel does not
+    fg = np.argwhere(crescent)
+    dist = ((fg - fg.mean(0)) ** 2).sum(1)
+    assert ((d - fg.mean(0)[0]) ** 2 + (h - fg.mean(0)[1]) ** 2 + (w - fg.mean(0)[2]) ** 2) == pytest.approx(dist.min())
+    assert slice_centre(np.zeros((5, 8, 9))) == (2, 4, 4)

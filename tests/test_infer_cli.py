@@ -121,6 +121,75 @@ def test_finetuned_segmentation_run_on_las_volume(volumes, tmp_path):
     assert cli_main(["infer", "--model", run, "--image", volumes["t2w"], "--out", str(out), "--quiet"]) == 1
 
 
+def test_exported_task_model_works_without_its_run(volumes, tmp_path):
+    """The exported model directory alone (copied elsewhere, the run deleted) predicts exactly as the run did."""
+    import shutil
+
+    import vfm_align
+    from vfm_align.infer.loading import export_task_model, restore_run
+    from vfm_align.model_io import read_sidecar
+
+    run = _fake_run(tmp_path, "profound_conv", "segmentation")
+    exported = export_task_model(run)
+    assert exported == os.path.join(run, "model")
+    x = np.random.default_rng(0).normal(size=(1, 4, 16, 16, 3)).astype(np.float32)
+    forward = nnx.jit(lambda m, v: m(v)[0])  # one compile for both models (the same graph)
+    want = np.asarray(forward(restore_run(run)[1], x))
+    from_run = tmp_path / "from_run"
+    assert cli_main(["infer", "--model", run, "--image", volumes["t2w"], "--out", str(from_run), "--quiet"]) == 0
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(exported, moved)
+    shutil.rmtree(run)
+
+    side = read_sidecar(moved)
+    assert side["arch"] == "task_model" and side["task"] == "segmentation"
+    assert side["config"]["backbone_arch"] == "profound_conv" and side["config"]["input_shape"] == [4, 16, 16, 3]
+    assert side["preprocessing"]["name"] == "finetune_cache" and side["finetuned"]["checkpoint"] == "last"
+    model = vfm_align.load(moved)  # the registry rebuilds backbone + head from the sidecar
+    np.testing.assert_array_equal(np.asarray(forward(model, x)), want)
+
+    out = tmp_path / "from_export"
+    assert cli_main(["infer", "--model", str(moved), "--image", volumes["t2w"], "--out", str(out), "--quiet"]) == 0
+    pred = json.load(open(out / "prediction.json"))
+    assert pred["model"]["task"] == "segmentation" and pred["preprocessing"]["name"] == "finetune_cache"
+    np.testing.assert_array_equal(_check_grid(str(out / "prob.nii.gz"), 4),
+                                  _check_grid(str(from_run / "prob.nii.gz"), 4))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VFM_ALIGN_SLOW"), reason="three ConvNeXt passes (26-77 s on a busy "
+                    "2-core machine); VFM_ALIGN_SLOW=1")
+def test_reorient_ras_is_opt_in_for_converted_profound(volumes, tmp_path):
+    """Default: the stored voxel order (the reference); --reorient ras: the same as the volume stored in RAS+."""
+    import dataclasses
+
+    from vfm_align.errors import ConfigError
+    from vfm_align.infer.loading import load_for_inference
+    from vfm_align.infer.volume import predict_volume
+
+    cfg = dict(depths=(1, 1, 1, 1), dims=(4, 8, 8, 8), dwconv_impl="lax", bottleneck_dim=8, num_classes=3)
+    model = load_for_inference(save_model(build_model("profound_conv_cls", cfg, rngs=nnx.Rngs(0)),
+                                          "profound_conv_cls", cfg, tmp_path / "cls"))
+    model.roi = (4, 16, 16)
+    # the LAS volume written in RAS+ by hand: voxel x reversed, the x column of the affine negated and its origin
+    # moved to the other end of the row, so every voxel keeps its world position
+    data = np.asarray(nib.load(volumes["t2w"]).dataobj, np.float32)[::-1]
+    ras = LAS.copy()
+    ras[:, 0] *= -1
+    ras[0, 3] = LAS[0, 3] + LAS[0, 0] * (SHAPE_XYZ[0] - 1)
+    ras_path = _write(tmp_path / "t2w_ras.nii.gz", data, ras)
+    reoriented = predict_volume(model, {"t2w": volumes["t2w"]}, reorient="ras")
+    stored_ras = predict_volume(model, {"t2w": ras_path})
+    as_stored = predict_volume(model, {"t2w": volumes["t2w"]})
+    np.testing.assert_array_equal(reoriented.arrays["probs"], stored_ras.arrays["probs"])
+    assert not np.allclose(as_stored.arrays["probs"], stored_ras.arrays["probs"], rtol=1e-6, atol=0)
+    assert as_stored.preprocessing["reorient"] == "none (as the reference)"
+    assert reoriented.preprocessing["reorient"].startswith("RAS+")
+    finetuned = dataclasses.replace(model, recipe="finetune_cache", finetuned=True)  # always reoriented to RAS+
+    with pytest.raises(ConfigError, match="reorient"):
+        predict_volume(finetuned, {"t2w": volumes["t2w"]}, reorient="ras")
+
+
 def _manifest(volumes, tmp_path, n=2):
     path = tmp_path / "manifest.csv"
     with open(path, "w", newline="") as fh:
@@ -187,6 +256,18 @@ def test_real_finetune_run_then_infer_and_evaluate(tmp_path):
     for model in (str(run), str(run / "backbone")):  # the run, or its exported backbone inside it
         assert cli_main(["infer", "--model", model, "--data", str(cohort / "manifest.csv"), "--split", "test",
                          "--out", str(preds), "--quiet"]) == 0
+    # the exported task model, alone elsewhere, predicts the same maps
+    import shutil
+
+    moved = tmp_path / "moved_model"
+    shutil.copytree(run / "model", moved)
+    alone = tmp_path / "preds_export"
+    assert cli_main(["infer", "--model", str(moved), "--data", str(cohort / "manifest.csv"), "--split", "test",
+                     "--out", str(alone), "--quiet"]) == 0
+    for case in os.listdir(alone):
+        if os.path.isdir(alone / case):
+            np.testing.assert_array_equal(np.asarray(nib.load(alone / case / "prob.nii.gz").dataobj),
+                                          np.asarray(nib.load(preds / case / "prob.nii.gz").dataobj))
     assert cli_main(["evaluate", "--pred", str(preds), "--data", str(cohort / "manifest.csv"), "--task",
                      "segmentation", "--quiet"]) == 0
     summary = json.load(open(preds / "summary.json"))

@@ -138,3 +138,19 @@ def test_trilinear_matches_torch_formula(src, dst):
     ref = np.einsum("ndhwc,ad,bh,ew->nabec", x, md, mh, mw)
     y = ops3d.resize_trilinear(jnp.asarray(x), dst)
     np.testing.assert_allclose(np.asarray(y), ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])  # 3 does not divide D = 7: the last chunk is zero-completed
+def test_depth_chunked_conv_matches_numpy_same_conv(chunk):
+    rng = np.random.default_rng(chunk)
+    x = rng.standard_normal((2, 7, 6, 5, 4)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 3, 4, 3)).astype(np.float32)
+    kj = jnp.asarray(k)
+    # x given as two channel groups: the slabs concatenate them
+    y = jax.jit(lambda a, b: ops3d.depth_chunked(lambda s: jnp.tanh(ops3d.conv3d(s, kj, pad_depth=False)), [a, b],
+                                                 1, chunk))(jnp.asarray(x[..., :1]), jnp.asarray(x[..., 1:]))
+    assert y.shape == (2, 7, 6, 5, 3)
+    np.testing.assert_allclose(np.asarray(y), np.tanh(_np_conv3d_same(x, k)), atol=1e-5)
+    # 'valid' along depth: k - 1 fewer slices, the same values as the inner slices of the 'same' conv
+    valid = ops3d.conv3d(jnp.asarray(x), kj, pad_depth=False)
+    np.testing.assert_allclose(np.asarray(valid), _np_conv3d_same(x, k)[:, 1:-1], atol=1e-4)

@@ -53,9 +53,13 @@ def test_classifier_parity(cls_model, golden, parity):
     parity(feats["patch"], s3.reshape(s3.shape[0], s3.shape[1], -1).transpose(0, 2, 1), "patch")
 
 
-def test_upernet_parity_eval_and_train(upernet_model, golden, parity):
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "depth_chunked"])
+def test_upernet_parity_eval_and_train(upernet_model, golden, parity, chunked):
     g = golden("profound_conv_upernet")
     model, info = upernet_model
+    if chunked:  # the released size runs its full-resolution decoder convs in depth chunks: force them here
+        model = nnx.clone(model)
+        model.decode_head.chunk_bytes = 1
     cfg = info["config"]
     assert (cfg.out_channels, cfg.hidden_size, cfg.auxiliary_channels, cfg.pool_scales) == (3, 32, 16, (1, 2, 3, 6))
     assert "encoder.norm.weight" in info["used"]  # loaded into the encoder although UperNet skips it

@@ -162,15 +162,20 @@ def load(model_dir: str | os.PathLike) -> nnx.Module:
     except Exception as exc:  # whatever Orbax raises on a missing or tampered directory
         raise CheckpointError(f"{model_dir}: cannot read the weights' metadata ({type(exc).__name__}: {exc})") from exc
     _check_weights_fit(model_dir, arch, expected, stored)
-    model = build_model(arch, config)
-    target = nnx.to_pure_dict(_weights(model))
-    abstract_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+    # Restore into the abstract model: no random initialisation (for a released model, tens of compiled init
+    # ops and a second copy of the weights). A model holding other state than weights (e.g. an RNG stream)
+    # is built for real so that state gets its values.
+    graphdef, weights, rest = nnx.split(abstract, nnx.Any(nnx.Param, nnx.BatchStat), ...)
+    model = None if not jax.tree.leaves(rest) else build_model(arch, config)
+    abstract_target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), expected)
     try:
         with _IO_LOCK, ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params, abstract_target)
-        state = _weights(model)
+        state = weights if model is None else _weights(model)
         nnx.replace_by_pure_dict(state, restored)
     except Exception as exc:  # array data missing or corrupt behind intact metadata
         raise CheckpointError(f"{model_dir}: cannot restore weights ({type(exc).__name__}: {exc})") from exc
+    if model is None:
+        return nnx.merge(graphdef, state, rest)
     nnx.update(model, state)
     return model

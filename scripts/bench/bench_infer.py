@@ -6,11 +6,13 @@ NIfTI case of the given size is predicted through the same path as ``vfm-align i
 preprocess, sliding windows or 2.5D slices, NIfTI/PI-CAI outputs), once to compile and then
 ``--cases`` more times. Printed: seconds of the first case (with compilation), seconds per case after
 it, cases per minute, the process's peak resident memory (each model runs in its own subprocess),
-and for volume models the memory XLA plans for one window batch plus the whole-volume accumulators
-of a 30x640x640 volume (the estimated peak for that size, from the compiled step, without running it).
+and for the sliding-window models (UperNet, MAE-ViT) the memory XLA plans for one window batch plus
+the whole-volume accumulators of the ``--volume-shape`` case, and the resident memory after loading.
+The MAE-ViT is a ``task_model`` directory (released MAE-ViT + segmentation head, as a fine-tuning export).
 
-    python3 scripts/bench/bench_infer.py [--models upernet cls provicnet] [--cases 1]
+    python3 scripts/bench/bench_infer.py [--models upernet cls mae_vit provicnet] [--cases 1]
         [--volume-shape 30 224 224] [--slice-shape 20 256 256]
+    python3 scripts/bench/bench_infer.py --models upernet --cases 0 --volume-shape 30 640 640   # the 4 GB case
 
 On a shared CPU the timings are noisy; read them as orders of magnitude.
 """
@@ -28,8 +30,39 @@ import time
 
 import machine
 
-MODELS = ("upernet", "cls", "provicnet")
+MODELS = ("upernet", "cls", "mae_vit", "provicnet")
 
+
+def _model_dir(name: str, tmp: str) -> tuple[str, str]:
+    """(arch, directory) of a released-size model with random weights, in the converted (safe) format.
+
+    The released MAE-ViT has no task head: it is benched as a fine-tuning export would hold it, the
+    ``task_model`` arch (MAE-ViT backbone at its released size, 64x256x256 windows, + the segmentation
+    head of the default recipe), the model directory ``vfm-align finetune`` writes to ``<workdir>/model``.
+    """
+    from flax import nnx
+
+    from vfm_align.model_io import save_model
+    from vfm_align.models.registry import build_model
+
+    if name == "mae_vit":
+        from vfm_align.models.task_model import TASK_MODEL_ARCH, TaskModelConfig
+        from vfm_align.train.recipes import base_config
+
+        rc = base_config("profound_mae", "segmentation")
+        arch = TASK_MODEL_ARCH
+        cfg = TaskModelConfig(backbone_arch=rc.model.arch, backbone_config=dict(rc.model.config), task="segmentation",
+                              input_shape=(64, 256, 256, 3), num_outputs=3, head_hidden=int(rc.model.head_hidden))
+        from vfm_align.infer.volume import finetune_recipe
+
+        extra = {"task": "segmentation", "preprocessing": finetune_recipe()}
+    else:
+        arch, cfg = {"upernet": ("profound_conv_upernet", {"out_channels": 9}),
+                     "cls": ("profound_conv_cls", {}),
+                     "provicnet": ("provicnet", {"cl_out": 0})}[name]
+        extra = None
+    return arch, save_model(build_model(arch, cfg, rngs=nnx.Rngs(0)), arch, cfg, os.path.join(tmp, "model"),
+                            extra=extra)
 
 
 def _write_case(path, shape_dhw, seed):
@@ -46,24 +79,18 @@ def one(name: str, cases: int, volume_shape, slice_shape) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
     from vfm_align.infer.loading import load_for_inference
     from vfm_align.infer.outputs import write_case
     from vfm_align.infer.sliding_window import accumulator_bytes, plan_windows
-    from vfm_align.model_io import save_model
-    from vfm_align.models.registry import build_model
 
-    arch, cfg = {"upernet": ("profound_conv_upernet", {"out_channels": 9}),
-                 "cls": ("profound_conv_cls", {}),
-                 "provicnet": ("provicnet", {"cl_out": 0})}[name]
     tmp = tempfile.mkdtemp(prefix="bench_infer_")
-    model_dir = save_model(build_model(arch, cfg, rngs=nnx.Rngs(0)), arch, cfg, os.path.join(tmp, "model"))
+    arch, model_dir = _model_dir(name, tmp)
     model = load_for_inference(model_dir)
     shape = slice_shape if name == "provicnet" else volume_shape
     out = {}
-    if name == "upernet":  # planned memory of one window batch, and of a 30x640x640 volume's accumulators
+    if name in ("upernet", "mae_vit"):  # planned memory of one window batch, and of this volume's accumulators
         from vfm_align.infer.sliding_window import _host_step
         from vfm_align.infer.volume import _predictor
 
@@ -73,12 +100,15 @@ def one(name: str, cases: int, volume_shape, slice_shape) -> dict:
         mem = step.lower(state, jax.ShapeDtypeStruct((1, *roi, 3), jnp.float32),
                          jax.ShapeDtypeStruct((1, *roi), jnp.float32)).compile().memory_analysis()
         step_bytes = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-        plan = plan_windows((30, 640, 640), roi, 0.5)
-        acc = accumulator_bytes(plan.shape, 9, 3)  # the host path (CPU) holds them on the input grid
+        k = jax.eval_shape(lambda x: predict(state, x), jax.ShapeDtypeStruct((1, *roi, 3), jnp.float32)).shape[-1]
+        plan = plan_windows(shape, roi, 0.5)
+        acc = accumulator_bytes(plan.shape, k, 3)  # the host path (CPU) holds them on the input grid
+        out["window"] = list(roi)
         out["window_step_gb"] = step_bytes / 2 ** 30
-        out["est_30x640x640_gb"] = (step_bytes + acc) / 2 ** 30  # the weights are among the step arguments
-        out["windows_30x640x640"] = len(plan.starts)
+        out["est_volume_gb"] = (step_bytes + acc) / 2 ** 30  # the weights are among the step arguments
+        out["windows"] = len(plan.starts)
     print(json.dumps({"planned": out}), flush=True)  # before running: survives a stop for memory
+    rss_after_load = _rss_gb()
     times = []
     for i in range(cases + 1):
         img = _write_case(os.path.join(tmp, f"case{i}.nii.gz"), shape, i)
@@ -96,10 +126,16 @@ def one(name: str, cases: int, volume_shape, slice_shape) -> dict:
             write_case(os.path.join(tmp, f"out{i}"), p.task, p.reference, p.arrays, {}, threshold=0.5)
         times.append(time.perf_counter() - t0)
     out = {**out, "model": name, "arch": arch, "shape": list(shape), "first_case_s": times[0],
+           "rss_after_load_gb": rss_after_load,
            "per_case_s": float(np.median(times[1:])) if cases else None,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     out["cases_per_min"] = 60.0 / out["per_case_s"] if cases else None
     return out
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        return int(fh.read().split("VmRSS:")[1].split()[0]) / 2 ** 20
 
 
 def _run_watched(cmd, max_gb):
@@ -151,9 +187,11 @@ def main():
         else:
             per = f"{r['per_case_s']:8.1f} {r['cases_per_min']:9.2f}" if r["per_case_s"] else f"{'-':>8s} {'-':>9s}"
             print(f"{name:10s} {'x'.join(map(str, r['shape'])):>14s} {r['first_case_s']:10.1f} {per} {peak:8.2f}")
-        if "est_30x640x640_gb" in r:
-            print(f"{'':10s} one 64x224x224 window planned by XLA: {r['window_step_gb']:.2f} GB; a 30x640x640 volume "
-                  f"({r['windows_30x640x640']} windows at overlap 0.5): estimated peak {r['est_30x640x640_gb']:.2f} GB")
+        if "est_volume_gb" in r:
+            print(f"{'':10s} one {'x'.join(map(str, r['window']))} window planned by XLA: {r['window_step_gb']:.2f} GB;"
+                  f" the {'x'.join(map(str, args.volume_shape))} volume ({r['windows']} windows at overlap 0.5) with "
+                  f"its accumulators: {r['est_volume_gb']:.2f} GB planned"
+                  + (f"; resident after loading {r['rss_after_load_gb']:.2f} GB" if "rss_after_load_gb" in r else ""))
 
 
 if __name__ == "__main__":

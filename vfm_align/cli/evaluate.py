@@ -103,6 +103,14 @@ def load_cases(pred_dir, data, task, split="all", progress=False):
     return rows
 
 
+def _dice_iou(c: dict) -> dict:
+    """Dice and IoU of one class's voxel counts; both 1.0 when the class is absent from prediction and reference."""
+    union = c["TP"] + c["FP"] + c["FN"]
+    if union == 0:
+        return {"Dice": 1.0, "IoU": 1.0}
+    return {"Dice": 2 * c["TP"] / (union + c["TP"]), "IoU": c["TP"] / union}
+
+
 def segmentation_summary(rows, task) -> dict:
     """nnU-Net's summary.json layout, plus the task's own pooled metrics."""
     import numpy as np
@@ -113,14 +121,7 @@ def segmentation_summary(rows, task) -> dict:
     per_case = []
     for cid, side, pred, target, _ in rows:
         conf = M.confusion_per_class(pred, target, classes)
-        dice = M.dice_per_class(pred, target, classes)
-        m = {}
-        for k in classes:
-            c = conf[k]
-            empty = c["TP"] + c["FP"] + c["FN"] == 0
-            iou = 1.0 if empty else c["TP"] / (c["TP"] + c["FP"] + c["FN"])
-            m[str(k)] = {"Dice": 1.0 if empty else dice[k], "IoU": iou,
-                         **c}
+        m = {str(k): {**_dice_iou(conf[k]), **conf[k]} for k in classes}
         per_case.append({"case_id": cid, "prediction_file": side["outputs"]["label"], "metrics": m})
     keys = ("Dice", "IoU", "TP", "FP", "FN", "TN", "n_pred", "n_ref")
     mean = {str(k): {key: float(np.mean([c["metrics"][str(k)][key] for c in per_case])) for key in keys}
@@ -173,24 +174,124 @@ def restoration_metrics(rows, task) -> dict:
             "per_case": per_case}
 
 
-def _figure(path, task, result, rows, picai):
-    import matplotlib
+def case_scores(task, result, rows) -> dict:
+    """{case_id: score} ranking the cases for the worst/best overlays (higher is better).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    * segmentation: the case's Dice averaged over the foreground classes (``summary.json``'s per-case Dice);
+    * detection: the Dice of the case's lesion label (likelihood > the threshold its prediction was made with)
+      against the reference csPCa mask, 1.0 when both are empty; a missed lesion and a false positive in a
+      lesion-free case both score 0. This is the case-level view of what the overlay shows; picai_eval's
+      lesion-level matching has no per-case score to rank by;
+    * restoration: PSNR inside the gland (averaged over the restored channels).
+    """
     import numpy as np
 
-    from vfm_align.atomic import atomic_file
+    from vfm_align.data import metrics as M
+
+    if task.name == "segmentation":
+        return {c["case_id"]: float(np.mean([m["Dice"] for m in c["metrics"].values()]))
+                for c in result["metric_per_case"]}
+    if task.name == "detection":
+        out = {}
+        for cid, side, pred, target, _ in rows:
+            label = (np.asarray(pred) > float(side.get("threshold", 0.5))).astype(np.int32)
+            out[cid] = _dice_iou(M.confusion_per_class(label, np.asarray(target), (1,))[1])["Dice"]
+        return out
+    if task.kind == "dense_regression":
+        return {cid: v["psnr"] for cid, v in result["per_case"].items()}
+    return {}
+
+
+def worst_and_best(scores: dict) -> tuple[str, str] | None:
+    """(worst, best) case ids: arg-min and arg-max of ``scores`` (first in case order on ties; undefined scores
+    skipped); None when no case has a defined score."""
+    import numpy as np
+
+    ids = list(scores)
+    v = np.asarray([np.nan if scores[i] is None else scores[i] for i in ids], np.float64)
+    if not ids or np.all(np.isnan(v)):
+        return None
+    return ids[int(np.nanargmin(v))], ids[int(np.nanargmax(v))]
+
+
+def slice_centre(mask) -> tuple:
+    """(d, h, w) where the three orthogonal slices cross: the foreground voxel nearest the foreground's centroid
+    (so every slice cuts the lesion, even a crescent-shaped one), the volume centre when ``mask`` is empty."""
+    import numpy as np
+
+    mask = np.asarray(mask) > 0
+    fg = np.argwhere(mask)
+    if not len(fg):
+        return tuple(s // 2 for s in mask.shape)
+    c = fg.mean(axis=0)
+    return tuple(int(i) for i in fg[np.argmin(((fg - c) ** 2).sum(axis=1))])
+
+
+def _orthogonal(vol, centre):
+    """Axial, coronal and sagittal slices of a (D, H, W) RAS+ volume through ``centre`` (rows, cols)."""
+    d, h, w = centre
+    return [vol[d], vol[:, h, :], vol[:, :, w]]
+
+
+def _overlay_panels(subfig, panels, spacing, title):
+    """``panels``: [(row name, (D,H,W) image, [(mask, colour, linestyle)] contours)], one row of 3 views each."""
+    import numpy as np
+
+    sd, sh, sw = spacing
+    aspects = (sh / sw, sd / sw, sd / sh)
+    views = ("axial", "coronal", "sagittal")
+    axes = np.atleast_2d(subfig.subplots(len(panels), 3))
+    centre = panels[0][3]
+    for r, (name, img, contours, _) in enumerate(panels):
+        lo, hi = np.percentile(img, [1, 99]) if img.size else (0, 1)
+        for j, (sl, asp) in enumerate(zip(_orthogonal(img, centre), aspects)):
+            ax = axes[r, j]
+            ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower", aspect=asp,
+                      interpolation="nearest")
+            for mask, colour, style in contours:
+                m = _orthogonal(mask, centre)[j]
+                for k in np.unique(m[m > 0]):
+                    ax.contour((m == k).astype(np.float32), levels=[0.5], colors=colour, linestyles=style,
+                               linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(views[j], fontsize=8)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=8)
+    subfig.subplots_adjust(top=0.8 if len(panels) == 1 else 0.9)
+    subfig.suptitle(title, fontsize=9)
+
+
+def _case_inputs(data, case_id, task):
+    """(T2w or restoration input channel (D, H, W), spacing) of one manifest case on the RAS+ training grid."""
+    import numpy as np
+
+    from vfm_align.data.cache import Recipe, preprocess_case
+    from vfm_align.data.cohort import read_manifest
+
+    cohort = read_manifest(data)
+    case = next(c for c in cohort.cases if c.case_id == case_id)
+    sample = preprocess_case(case, Recipe(), cohort.classes)
+    spacing = tuple(float(s) for s in sample["meta"]["spacing"])
+    if task.kind == "dense_regression":
+        s = {**sample, "labels": dict(case.labels), "case_id": case_id, "spacing": spacing}
+        return np.asarray(task.make(s)[0][..., task.restore_from or 0]), spacing
+    return np.asarray(sample["image"][..., 0]), spacing
+
+
+def _summary_plot(subfig, task, result, rows, picai):
+    import numpy as np
 
     if task.name == "detection":
-        fig, ax = plt.subplots(1, 2, figsize=(9, 4))
+        ax = subfig.subplots(1, 2)
         ax[0].plot(picai.lesion_FPR, picai.lesion_TPR)
         ax[0].set(xscale="log", xlabel="false positives per case", ylabel="sensitivity", title="FROC (lesion)")
         ax[1].plot(picai.case_FPR, picai.case_TPR)
         ax[1].plot([0, 1], [0, 1], ":", color="grey")
         ax[1].set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC (case), AUROC {picai.auroc:.3f}")
     elif task.name == "segmentation":
-        fig, ax = plt.subplots(figsize=(5, 4))
+        ax = subfig.subplots()
         classes = list(result["mean"])
         ax.boxplot([[c["metrics"][k]["Dice"] for c in result["metric_per_case"]] for k in classes])
         ax.set_xticks(range(1, len(classes) + 1), [f"class {k}" for k in classes])
@@ -201,17 +302,65 @@ def _figure(path, task, result, rows, picai):
         order = np.argsort(-p, kind="stable")
         tpr = np.concatenate([[0], np.cumsum(y[order]) / max(y.sum(), 1)])
         fpr = np.concatenate([[0], np.cumsum(~y[order]) / max((~y).sum(), 1)])
-        fig, ax = plt.subplots(figsize=(5, 4))
+        ax = subfig.subplots()
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (case)")
     else:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        ax = subfig.subplots()
         names = ("psnr", "ssim", "ncc")
         ax.boxplot([[v[n] for v in result["per_case"].values()] for n in names])
         ax.set_xticks(range(1, 4), names)
         ax.set(title=f"{task.name} per case")
-    fig.tight_layout()
+
+
+def _figure(path, task, result, rows, picai, data):
+    """The task's summary plot; for dense tasks, below it, three orthogonal slices of the worst and best case by
+    :func:`case_scores`: T2w with the reference (green, solid) and predicted (red, dashed) contours per class,
+    through the reference's centre (:func:`slice_centre`; the prediction's when the reference is empty, so a
+    false positive is seen; else the volume centre), or a restoration's input, prediction and target through
+    the gland's centre."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from vfm_align.atomic import atomic_file
+
+    scores = case_scores(task, result, rows)
+    chosen = worst_and_best(scores)
+    if chosen is None:
+        fig = plt.figure(figsize=(9, 4))
+        _summary_plot(fig, task, result, rows, picai)
+    else:
+        restore = task.kind == "dense_regression"
+        n = 3 if restore else 1
+        fig = plt.figure(figsize=(9, 4 + 2 * 2.6 * n))
+        top, *cases = fig.subfigures(3, 1, height_ratios=[4, 2.6 * n, 2.6 * n])
+        _summary_plot(top, task, result, rows, picai)
+        by_id = {r[0]: r for r in rows}
+        metric = "PSNR" if restore else "Dice"
+        for sub, which, cid in zip(cases, ("worst", "best"), chosen):
+            _, _, pred, target, gland = by_id[cid]
+            image, spacing = _case_inputs(data, cid, task)
+            title = f"{which} case {cid}: {metric} {scores[cid]:.3f}"
+            if not restore:
+                title += " (reference green, prediction red dashed)"
+            if restore:
+                centre = slice_centre(gland)
+                panels = [("input", image, [], centre), ("prediction", np.asarray(pred)[..., 0], [], centre),
+                          ("target", np.asarray(target)[..., 0], [], centre)]
+            else:
+                target = np.asarray(target)
+                label = np.asarray(pred)
+                if task.name == "detection":
+                    label = (label > float(by_id[cid][1].get("threshold", 0.5))).astype(np.int32)
+                centre = slice_centre(target if np.any(target) else label)  # a false positive shows
+                panels = [("T2w", image, [(target, "lime", "solid"), (label, "red", "dashed")], centre)]
+            _overlay_panels(sub, panels, spacing, title)
+    if chosen is None:
+        fig.tight_layout()
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -239,7 +388,7 @@ def run(args) -> int:
     result = _finite({"task": task.name, "num_cases": len(rows), **result})
     write_json(os.path.join(out, name), result)
     png = os.path.join(out, f"{task.name}.png")
-    _figure(png, task, result, rows, picai)
+    _figure(png, task, result, rows, picai, args.data)
     tm = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["task_metrics"].items())
     print(f"{task.name}: {len(rows)} case(s): {tm}; wrote {os.path.join(out, name)} and {png}")
     return 0

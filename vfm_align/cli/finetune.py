@@ -17,8 +17,10 @@ def register(sub) -> None:
             "Train a backbone + task head with the recipe in --config (a configs/*.py file with get_config(); "
             "'file.py:ARG' passes ARG to it: configs/finetune.py:BACKBONE,TASK[,tiny], found from any directory). "
             "Override any field with --config.SECTION.KEY=VALUE. The run "
-            "directory (run.workdir) receives config.json, metrics.jsonl, checkpoints/{last,best} and the "
-            "fine-tuned backbone; re-running the same command resumes from the last checkpoint."
+            "directory (run.workdir) receives config.json, metrics.jsonl, checkpoints/{last,best}, the fine-tuned "
+            "backbone (backbone/) and the whole task model (model/: backbone + head from the best checkpoint, "
+            "self-contained, for vfm-align infer and vfm_align.load); re-running the same command resumes from "
+            "the last checkpoint."
         ),
     )
     p.add_argument("--config", required=True, metavar="FILE[:ARG]",
@@ -89,6 +91,14 @@ def run(args) -> int:
         arch, bcfg = cfg.model.arch, config_from_dict(cfg.model.arch, dict(cfg.model.config))
     save_model(model.backbone, arch, bcfg, os.path.join(workdir, "backbone"), overwrite=True,
                extra={"finetuned": {"task": cfg.task.name, "steps": int(cfg.train.steps)}})
+    import jax
+
+    exported = None
+    if jax.process_count() == 1:  # the export restores the run's checkpoint on one device
+        from vfm_align.infer.loading import export_task_model
+
+        exported = export_task_model(workdir)
     last = out["val"][-1] if out["val"] else {}
-    print(json.dumps({"workdir": workdir, "best_step": out["best"]["step"], "final_val": last}, indent=1))
+    print(json.dumps({"workdir": workdir, "model": exported, "best_step": out["best"]["step"], "final_val": last},
+                     indent=1))
     return 0

@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--roi", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                    help="window size of a converted ProFound model (default its reference 64 224 224)")
+    p.add_argument("--reorient", choices=("none", "ras"), default="none",
+                   help="converted ProFound models: 'none' (default, as the reference: the stored voxel order) or "
+                        "'ras' (reorient to RAS+ first, outputs put back on the input grid)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows (volume models, default 1) or slices (ProViCNet, default 8) per device batch")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -77,6 +80,9 @@ def run(args) -> int:
         if model.finetuned or provicnet or min(args.roi) < 1:
             raise ConfigError("--roi applies to converted ProFound models (fine-tuned ones use their training size)")
         model.roi = tuple(args.roi)
+    if args.reorient != "none" and model.recipe != "profound_reference":
+        raise ConfigError("--reorient applies to converted ProFound models (fine-tuned ones use their training's "
+                          "RAS+ reorientation; ProViCNet the reference's none)")
     if args.gland and not provicnet:
         raise ConfigError("--gland is used by ProViCNet models only")
     threshold = args.threshold if args.threshold is not None else (0.4 if provicnet else 0.5)
@@ -85,6 +91,8 @@ def run(args) -> int:
                 "keep_fusion_streams": args.keep_fusion_streams, "sequence": args.sequence,
                 "predict_gland": args.predict_gland,
                 "models": [os.path.abspath(m) for m in args.model] if args.fusion else [model.path]}
+    if args.reorient != "none":  # only then: folders written before the flag existed keep their key
+        settings["reorient"] = args.reorient
     key = settings_key(model.identity, settings)
     progress = not args.quiet
 
@@ -147,7 +155,8 @@ def _predict_case(args, model, case, manifest_case, out_dir, threshold, batch, k
             raise ConfigError("a volume model takes --image T2W, or --image T2W DWI ADC")
         images = dict(zip(("t2w", "dwi", "adc"), case["images"]))
         mc = None
-    pred = predict_volume(model, images, case=mc, overlap=args.overlap, batch_size=batch, progress=progress)
+    pred = predict_volume(model, images, case=mc, overlap=args.overlap, batch_size=batch, progress=progress,
+                          reorient=args.reorient)
     meta["inputs"] = images
     meta["preprocessing"] = pred.preprocessing
     return write_case(out_dir, pred.task, pred.reference, pred.arrays, meta, threshold=threshold)

@@ -9,7 +9,10 @@ Three kinds of directory are recognised:
 * a fine-tuning run directory of ``vfm-align finetune`` (``config.json`` + ``checkpoints/``), or its
   exported ``backbone/`` inside it: the task model (backbone + head) is rebuilt from the recipe and
   restored from the best checkpoint (the last one when no validation ran). Recipe "finetune_cache"
-  (the preprocessing cache's recipe: RAS+ reorientation, non-zero z-score), windows of ``data.shape``.
+  (the preprocessing cache's recipe: RAS+ reorientation, non-zero z-score), windows of ``data.shape``;
+* an exported task model (arch ``task_model``, ``<run>/model`` written by ``vfm-align finetune`` or
+  :func:`export_task_model`): the same weights, self-contained; its sidecar holds the task, the window
+  and the recipe.
 """
 
 from __future__ import annotations
@@ -55,20 +58,24 @@ def _run_dir(path: str) -> str | None:
 
 def load_for_inference(path: str | os.PathLike) -> InferenceModel:
     from vfm_align.model_io import SIDECAR, load, read_sidecar
+    from vfm_align.models.task_model import TASK_MODEL_ARCH
 
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: model directory not found")
-    run = _run_dir(path)
+    exported = os.path.isfile(os.path.join(path, SIDECAR)) and read_sidecar(path).get("arch") == TASK_MODEL_ARCH
+    run = None if exported else _run_dir(path)
     if run is not None:
         return _load_run(run)
     meta = read_sidecar(path)
     arch = meta.get("arch")
-    if "finetuned" in meta:
-        raise CheckpointError(f"{path}: a fine-tuned backbone without its task head; pass the fine-tuning run "
-                              "directory (it holds config.json and checkpoints/)")
     with open(os.path.join(path, SIDECAR)) as fh:
         text = fh.read()
+    if arch == TASK_MODEL_ARCH:
+        return _load_exported(path, meta, text)
+    if "finetuned" in meta:
+        raise CheckpointError(f"{path}: a fine-tuned backbone without its task head; pass the fine-tuning run "
+                              "directory (it holds config.json and checkpoints/) or its exported model/")
     if arch == "profound_conv_upernet":
         out = int(meta["config"].get("out_channels", 1))
         task, act = ("detection", "sigmoid") if out == 1 else ("segmentation", "softmax")
@@ -86,7 +93,9 @@ def load_for_inference(path: str | os.PathLike) -> InferenceModel:
                       f"ProViCNet or a fine-tuning run directory (known heads: {VOLUME_ARCHS + PROVICNET_ARCHS})")
 
 
-def _load_run(run: str) -> InferenceModel:
+def restore_run(run: str):
+    """(run config, task model, "best" | "last", step, config.json text) of a fine-tuning run directory: the
+    model rebuilt from the recipe and restored from the best checkpoint (the last one when no validation ran)."""
     import jax
     import ml_collections as mlc
     from flax import nnx
@@ -123,8 +132,56 @@ def _load_run(run: str) -> InferenceModel:
         raise CheckpointError(f"{run}: cannot restore the fine-tuned model ({type(exc).__name__}: {exc})") from exc
     finally:
         ckpts.close()
-    module = nnx.merge(gdef_eval, state["params"], state["rest"])
+    return cfg, nnx.merge(gdef_eval, state["params"], state["rest"]), which, meta.get("step"), text
+
+
+def _activation(task: str) -> str:
+    from vfm_align.data.tasks import get_task
+
+    return {"label": "softmax", "dense": "softmax", "restore": "none"}[get_task(task).head]
+
+
+def _load_run(run: str) -> InferenceModel:
+    cfg, module, which, step, text = restore_run(run)
+    roi = tuple(int(s) for s in cfg.data.shape)
     task = cfg.task.name
-    act = {"label": "softmax", "dense": "softmax", "restore": "none"}[get_task(task).head]
-    return InferenceModel(run, cfg.model.arch, task, module, "finetune_cache", roi, act,
-                          _sha(text, which, str(meta.get("step"))), finetuned=True)
+    return InferenceModel(run, cfg.model.arch, task, module, "finetune_cache", roi, _activation(task),
+                          _sha(text, which, str(step)), finetuned=True)
+
+
+def export_task_model(run: str, out_dir: str | None = None, *, overwrite: bool = True) -> str:
+    """Write the fine-tuned task model of ``run`` (backbone + head, the weights ``vfm-align infer`` uses: best
+    checkpoint, else last) as a self-contained model directory (default ``<run>/model``): ``vfm_align.load``
+    rebuilds it from its sidecar (arch ``task_model``: backbone arch and config, head settings), which also
+    records the task, the input window and the preprocessing recipe inference must apply."""
+    from vfm_align.infer.volume import finetune_recipe
+    from vfm_align.model_io import save_model
+    from vfm_align.models.task_model import TASK_MODEL_ARCH, task_model_config
+
+    run = os.path.abspath(run)
+    cfg, module, which, step, _ = restore_run(run)
+    shape = (*(int(s) for s in cfg.data.shape), 3)
+    config = task_model_config(module, cfg.model.arch, dict(cfg.model.config), cfg.task.name, shape,
+                               int(cfg.task.num_outputs), int(cfg.model.head_hidden))
+    extra = {"task": cfg.task.name, "preprocessing": finetune_recipe(),
+             "finetuned": {"run": run, "checkpoint": which, "step": step, "steps": int(cfg.train.steps)}}
+    return save_model(module, TASK_MODEL_ARCH, config, out_dir or os.path.join(run, "model"), extra=extra,
+                      overwrite=overwrite)
+
+
+def _load_exported(path: str, meta: dict, text: str) -> InferenceModel:
+    from vfm_align.infer.volume import finetune_recipe
+    from vfm_align.model_io import load
+
+    recipe = (meta.get("preprocessing") or {}).get("name")
+    if recipe != finetune_recipe()["name"]:
+        raise CheckpointError(f"{path}: exported task model with preprocessing recipe '{recipe}'; this version "
+                              f"applies '{finetune_recipe()['name']}'")
+    module = load(path)  # checks the sidecar's config (a TaskModelConfig) against the stored arrays
+    from vfm_align.models.registry import config_from_dict
+    from vfm_align.models.task_model import TASK_MODEL_ARCH
+
+    cfg = config_from_dict(TASK_MODEL_ARCH, meta["config"])
+    return InferenceModel(path, cfg.backbone_arch, cfg.task, module, "finetune_cache",
+                          tuple(int(s) for s in cfg.input_shape[:3]), _activation(cfg.task), _sha(text),
+                          finetuned=True)

@@ -58,6 +58,15 @@ def from_canonical_array(x_dhw: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return _apply_xfm(x_dhw, ornt.ornt_transform(ornt.axcodes2ornt(("R", "A", "S")), current))
 
 
+def finetune_recipe() -> dict:
+    """The "finetune_cache" preprocessing as recorded in predictions and exported models' sidecars."""
+    from vfm_align.data.cache import Recipe
+
+    return {"name": "finetune_cache", "cache_recipe": dataclasses.asdict(Recipe()), "channels": ["t2w", "dwi", "adc"],
+            "missing_channels": "zeros", "reorient": "RAS+ (the training cache's), outputs reoriented back onto the "
+                                                     "input grid"}
+
+
 def _predictor(model: InferenceModel):
     """(predict(state, x), state): the model's jittable window function, built once per model so its compiled
     steps are reused across cases; the weights go in as an argument (not as constants of the executable)."""
@@ -78,7 +87,10 @@ def _predictor(model: InferenceModel):
     return model._predict
 
 
-def _input(model: InferenceModel, images: dict, case=None):
+REORIENT = ("none", "ras")  # converted ProFound models: "none" as the reference, "ras" an opt-in RAS+ reorientation
+
+
+def _input(model: InferenceModel, images: dict, case=None, reorient: str = "none"):
     """(image (D,H,W,3) on the model's grid, reference Volume, back-to-input-grid function, recipe dict)."""
     from vfm_align.data.nifti import load_volume
     from vfm_align.data.preprocess_profound import stack_channels
@@ -90,11 +102,15 @@ def _input(model: InferenceModel, images: dict, case=None):
         recipe = {"name": "profound_reference", "channels": ["t2w", "dwi", "adc"], "missing_channels": "zeros",
                   "normalize": "zscore_nonzero (per channel, whole volume)", "reorient": "none (as the reference)",
                   "resample": "none"}
+        if reorient == "ras":  # opt-in; the z-score does not depend on the voxel order
+            recipe["reorient"] = "RAS+ (--reorient ras, a deviation: the reference does none); outputs reoriented back"
+            affine = inp.reference.affine
+            return (to_canonical_array(inp.image, affine), inp.reference,
+                    (lambda y: from_canonical_array(y, affine)), recipe)
         return inp.image, inp.reference, (lambda y: y), recipe
     from vfm_align.data.cache import Recipe, preprocess_case, zscore_nonzero
 
-    recipe = {"name": "finetune_cache", "cache_recipe": dataclasses.asdict(Recipe()), "channels": ["t2w", "dwi", "adc"],
-              "missing_channels": "zeros", "outputs": "reoriented back onto the input grid"}
+    recipe = finetune_recipe()
     if case is not None:
         sample = preprocess_case(case, Recipe())
         ref = load_volume(case.paths["t2w"], kind="t2w")
@@ -112,11 +128,19 @@ def _input(model: InferenceModel, images: dict, case=None):
 
 
 def predict_volume(model: InferenceModel, images: dict, *, case=None, overlap: float = 0.5, batch_size: int = 1,
-                   sigma_scale: float = SIGMA_SCALE, progress: bool = False) -> VolumePrediction:
-    """``images``: {"t2w": path, optional "dwi", "adc"} (or ``case``, a manifest Case, for the fine-tune recipe)."""
+                   sigma_scale: float = SIGMA_SCALE, progress: bool = False,
+                   reorient: str = "none") -> VolumePrediction:
+    """``images``: {"t2w": path, optional "dwi", "adc"} (or ``case``, a manifest Case, for the fine-tune recipe).
+    ``reorient``: "none" or "ras" (converted ProFound models only; fine-tuned ones always use their training's)."""
     from vfm_align.data.preprocess_profound import center_crop_pad
+    from vfm_align.errors import ConfigError
 
-    image, ref, back, recipe = _input(model, images, case)
+    if reorient not in REORIENT:
+        raise ConfigError(f"reorient must be one of {REORIENT}, got '{reorient}'")
+    if reorient != "none" and model.recipe != "profound_reference":
+        raise ConfigError(f"--reorient applies to converted ProFound models; {model.path} uses the "
+                          f"'{model.recipe}' recipe")
+    image, ref, back, recipe = _input(model, images, case, reorient)
     predict, state = _predictor(model)
     if model.task == "classification":
         crop, _ = center_crop_pad(image, model.roi)

@@ -17,6 +17,7 @@ volume: super-resolution, distortion correction). Dense and restore heads are
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from vfm_align.data.tasks import get_task
 from vfm_align.errors import ConfigError
 from vfm_align.models.heads.restoration import RestorationDecoder
+from vfm_align.models.registry import build_model, register
 
 
 def is_layer_site(name: str) -> bool:
@@ -123,3 +125,49 @@ class TaskModel(nnx.Module):
         skip = x.reshape(n * d, h, w, c)          # the slice's own voxels, all sequences
         out = self.head(fmap, skip)               # (N*D, H, W, K)
         return out.reshape(n, d, h, w, -1), None
+
+
+TASK_MODEL_ARCH = "task_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskModelConfig:
+    """Everything that rebuilds a fine-tuned :class:`TaskModel` (the sidecar of an exported model directory):
+    the backbone's registry arch and config, and the head's settings as the model resolved them."""
+
+    backbone_arch: str = ""
+    backbone_config: dict = dataclasses.field(default_factory=dict)
+    task: str = "segmentation"
+    family: str = "volume"
+    input_shape: tuple = (64, 224, 224, 3)  # (D, H, W, C) the model was trained on: its inference window
+    num_outputs: int = 3
+    head_hidden: int = 32
+    feature_site: str | None = None
+    slice_channel: int = 0
+    slice_window: int = 3
+    slice_size: int | None = None
+
+    def __post_init__(self):
+        if not self.backbone_arch or len(self.input_shape) != 4:
+            raise ConfigError(f"a task model needs a backbone_arch and a (D, H, W, C) input_shape, got "
+                              f"'{self.backbone_arch}' and {self.input_shape}")
+
+
+@register(TASK_MODEL_ARCH, TaskModelConfig)
+def build_task_model_from_config(config: TaskModelConfig, *, rngs: nnx.Rngs) -> TaskModel:
+    backbone = build_model(config.backbone_arch, dict(config.backbone_config), rngs=rngs)
+    return TaskModel(backbone, task=config.task, family=config.family, input_shape=tuple(config.input_shape),
+                     num_outputs=config.num_outputs, head_hidden=config.head_hidden,
+                     feature_site=config.feature_site, slice_channel=config.slice_channel,
+                     slice_window=config.slice_window, slice_size=config.slice_size, rngs=rngs)
+
+
+def task_model_config(model: TaskModel, backbone_arch: str, backbone_config: dict, task: str, input_shape,
+                      num_outputs: int, head_hidden: int) -> TaskModelConfig:
+    """The config that rebuilds ``model`` (its head settings as resolved, e.g. the chosen feature site)."""
+    return TaskModelConfig(backbone_arch=backbone_arch, backbone_config=dict(backbone_config), task=task,
+                           family=model.family, input_shape=tuple(int(s) for s in input_shape),
+                           num_outputs=int(num_outputs), head_hidden=int(head_hidden),
+                           feature_site=model.feature_site, slice_channel=int(model.slice_channel),
+                           slice_window=int(model.slice_window),
+                           slice_size=None if model.slice_size is None else int(model.slice_size))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from vfm_align.models.convnext3d import ConvNeXt3D, ConvNeXt3DConfig
 from vfm_align.models.layers import Conv1, gelu, layer_norm
-from vfm_align.models.ops3d import adaptive_avg_pool3d, conv3d, resize_trilinear
+from vfm_align.models.ops3d import adaptive_avg_pool3d, conv3d, depth_chunked, resize_trilinear
 from vfm_align.models.registry import register
 
 
@@ -34,12 +34,27 @@ class ConvModule(nnx.Module):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (k, k, k, cin, cout)) * (cin * k ** 3) ** -0.5)
         self.norm = layer_norm(cout, eps, rngs=rngs)
 
-    def __call__(self, x):
-        return gelu(self.norm(conv3d(x, self.kernel[...])))
+    def __call__(self, x, pad_depth: bool = True):
+        return gelu(self.norm(conv3d(x, self.kernel[...], pad_depth=pad_depth)))
+
+
+# The full-resolution 3^3 convs of the decode head (fpn_convs[0], fpn_bottleneck) run over depth chunks whose
+# depth-folded conv input (slices x H x W x 3 * C_in floats) stays under this many bytes: at the released size
+# (64 x 224 x 224 windows) the fpn_bottleneck's whole input would be 1.2 GB, which with the conv's own scratch
+# set the inference peak. Small models (the tiny recipes) stay in one piece.
+CHUNK_BYTES = 128 << 20
+
+
+def _depth_chunk(shape, itemsize: int, kernel_size: int, chunk_bytes: int) -> int | None:
+    """Output slices per chunk for a k^3 conv of an input of ``shape``, or None when it fits the budget whole."""
+    n, d, h, w, c = shape
+    per_slice = n * h * w * kernel_size * c * itemsize
+    return None if per_slice * d <= chunk_bytes else max(1, chunk_bytes // per_slice)
 
 
 class UperHead(nnx.Module):
     def __init__(self, cfg: UperNet3DConfig, *, rngs: nnx.Rngs):
+        self.chunk_bytes = CHUNK_BYTES  # static: changing it retraces (tests force chunking on small models)
         hs, eps, dims = cfg.hidden_size, cfg.head_ln_eps, cfg.dims
         self.pool_scales = tuple(cfg.pool_scales)
         self.psp_modules = nnx.List([ConvModule(dims[-1], hs, 1, eps, rngs=rngs) for _ in self.pool_scales])
@@ -59,10 +74,23 @@ class UperHead(nnx.Module):
         lats = [conv(f) for conv, f in zip(self.lateral_convs, feats)] + [self.psp(feats[-1])]
         for i in range(len(lats) - 1, 0, -1):
             lats[i - 1] = lats[i - 1] + resize_trilinear(lats[i], lats[i - 1].shape[1:4])
-        outs = [conv(l) for conv, l in zip(self.fpn_convs, lats[:-1])] + [lats[-1]]
+        outs = [self._conv(conv, l) for conv, l in zip(self.fpn_convs, lats[:-1])] + [lats[-1]]
         size = outs[0].shape[1:4]
         outs = [outs[0]] + [resize_trilinear(o, size) for o in outs[1:]]
-        return self.classifier(self.fpn_bottleneck(jnp.concatenate(outs, axis=-1)))
+        return self._conv(self.fpn_bottleneck, outs, self.classifier)
+
+    def _conv(self, module, xs, after=None):
+        """``after(module(concat(xs)))`` (a 'same' k^3 ConvModule of the channel concatenation of ``xs``, then a
+        per-voxel op), in depth chunks when large (:func:`depth_chunked`: the concatenation is never made)."""
+        xs = list(xs) if isinstance(xs, (list, tuple)) else [xs]
+        after = after or (lambda y: y)
+        k = module.kernel.shape[0]
+        n, d, h, w, _ = xs[0].shape
+        cin = sum(x.shape[-1] for x in xs)
+        chunk = _depth_chunk((n, d, h, w, cin), xs[0].dtype.itemsize, k, self.chunk_bytes) if k > 1 else None
+        if chunk is None:
+            return after(module(xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)))
+        return depth_chunked(lambda slab: after(module(slab, pad_depth=False)), xs, k // 2, chunk)
 
 
 class FCNHead(nnx.Module):
