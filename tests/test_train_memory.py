@@ -4,11 +4,9 @@ per-device bytes FSDP saves on the fake 8-device CPU mesh."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from vfm_align.data.tasks import get_task
 from vfm_align.train import mesh as M
 from vfm_align.train.loop import build_task_model
 from vfm_align.train.optim import make_optimizer
@@ -37,7 +35,8 @@ def _loss_and_grads(cfg, batch):
 
 
 # ProFound-Conv's tiny model takes over a minute to compile twice on 2 cores: slow tier.
-@pytest.mark.parametrize("backbone", [pytest.param("profound_conv", marks=pytest.mark.slow), "profound_mae", "provicnet"])
+@pytest.mark.parametrize("backbone", [pytest.param("profound_conv", marks=pytest.mark.slow), "profound_mae",
+                                      "provicnet"])
 def test_remat_gives_the_same_loss_and_gradients(backbone):
     batch = {k: jnp.asarray(v) for k, v in _batch(2).items()}
     ref_cfg = recipe_config(backbone, "segmentation", "tiny")
@@ -115,6 +114,7 @@ def test_fsdp_shards_params_and_optimizer_state_as_the_shapes_say():
     assert out[1]["params"] == whole
     assert out[8]["params"] == expect(shapes) < whole
     assert out[8]["opt"] == expect(opt_shapes)
-    # AdamW keeps two moments per weight, laid out as the weight, plus two int32 step counts (Adam's, the lr schedule's).
+    # AdamW keeps two moments per weight, laid out as the weight, plus two int32 step counts (Adam's, the
+    # lr schedule's).
     assert out[1]["opt"] == 2 * whole + 2 * 4
     assert out[8]["opt"] < out[1]["opt"] / 3

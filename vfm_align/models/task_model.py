@@ -23,8 +23,8 @@ from flax import nnx
 
 from vfm_align.data.tasks import get_task
 from vfm_align.errors import ConfigError
-from vfm_align.models.layers import set_remat
 from vfm_align.models.heads.restoration import RestorationDecoder
+from vfm_align.models.layers import set_remat
 
 
 def window_index(depth: int, window: int) -> jnp.ndarray:
