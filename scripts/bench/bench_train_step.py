@@ -518,6 +518,8 @@ def bench_torch(backbone, task, args):
                     head=os.path.join(tmp, "head.npz"),
                     profile=os.path.join(tmp, "trace") if args.profile else "")
         rj = run_child("jax", dict(spec, updated=os.path.join(tmp, "jax_updated.npz")), tmp)
+        if args.jax_only:
+            return dict(shape=shape, batch=batch, jax=rj)
         rt = run_child("torch", dict(spec, updated=os.path.join(tmp, "torch_updated.npz")), tmp)
         w_err, u_err = agreement(backbone, os.path.join(tmp, "jax_updated.npz"),
                                  os.path.join(tmp, "torch_updated.npz"), sd)
@@ -552,6 +554,13 @@ def fsdp_report(backbones, task, variant):
             del state
 
 
+def _print_profile(r):
+    if r.get("profile"):
+        print("  top XLA ops of one JAX step (CPU time summed by op; share of all op time):")
+    for name, ms, share in r.get("profile", []):
+        print(f"    {ms:9.1f} ms {share * 100:5.1f}%  {name}")
+
+
 def _fmt_mem(b):
     return f"{b / 2**30:.2f} GiB"
 
@@ -578,8 +587,12 @@ def main():
     ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="train.compute_dtype (float32 master weights either way)")
     ap.add_argument("--profile", action="store_true", help="--torch: top XLA ops of the JAX step by time")
+    ap.add_argument("--jax-only", action="store_true",
+                    help="--torch without the PyTorch side: the JAX step's time and peak memory (memory levers)")
     ap.add_argument("--fsdp-report", action="store_true", help="per-device bytes, fsdp=1 vs 8 (fake CPU mesh)")
     args = ap.parse_args()
+    if args.torch:
+        args.variant = "default"  # the twins are the released architectures
     if args.fsdp_report:
         flag = "--xla_force_host_platform_device_count=8"
         if flag not in os.environ.get("XLA_FLAGS", ""):
@@ -598,8 +611,16 @@ def main():
     if args.torch:
         for bb in (args.backbones or ",".join(BACKBONES)).split(","):
             r = bench_torch(bb, args.task, args)
-            rj, rt = r["jax"], r["torch"]
-            tj, tt = float(np.median(rj["times"])), float(np.median(rt["times"]))
+            rj = r["jax"]
+            tj = float(np.median(rj["times"]))
+            if args.jax_only:
+                print(f"\n{bb}: batch {r['batch']} x {'x'.join(map(str, r['shape']))}, {args.task}, median of "
+                      f"{args.reps} steps\n  jax    step {tj:8.3f} s  {r['batch'] / tj:7.3f} img/s  peak RSS "
+                      f"{_fmt_mem(rj['rss'])}  (compile {rj['compile']:.1f} s apart)")
+                _print_profile(rj)
+                continue
+            rt = r["torch"]
+            tt = float(np.median(rt["times"]))
             print(f"\n{bb}: batch {r['batch']} x {'x'.join(map(str, r['shape']))}, {args.task}, "
                   f"torch {rt['torch']} ({rt['threads']} threads), median of {args.reps} steps")
             print(f"  agreement after one step: loss rel err {r['loss_err']:.1e} "
@@ -609,8 +630,7 @@ def main():
                   f"(compile {rj['compile']:.1f} s apart)")
             print(f"  torch  step {tt:8.3f} s  {r['batch'] / tt:7.3f} img/s  peak RSS {_fmt_mem(rt['rss'])}")
             print(f"  ratio torch/JAX step time {tt / tj:.2f}x; peak memory torch/JAX {rt['rss'] / rj['rss']:.2f}x")
-            for name, ms, share in rj.get("profile", []):
-                print(f"    {ms:9.1f} ms {share * 100:5.1f}%  {name}")
+            _print_profile(rj)
         return
     print(f"{'backbone':<15}{'compile s':>10}{'step ms':>10}{'IQR ms':>9}{'img/s':>8}"
           f"{'align ms':>10}{'K':>6}{'overhead':>10}")
