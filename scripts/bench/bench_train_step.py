@@ -329,7 +329,16 @@ def profile_step(compiled, state, batch, trace_dir, top=12):
                     name = str(md.get("hlo_op", ev.name))
                     totals[name] = totals.get(name, 0.0) + ev.duration_ns / 1e6
     total = sum(totals.values()) or 1.0
-    return [(k, v, v / total) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+    # Each op named with the JAX operation it came from (the HLO's op_name metadata, last path parts).
+    import re
+
+    origin = {}
+    for line in compiled.as_text().splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]+)"', line)
+        if m:
+            origin.setdefault(m.group(1), "/".join(m.group(2).split("/")[-3:]))
+    return [(f"{k}  [{origin.get(k, '?')}]", v, v / total)
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def _child_cfg(spec):
