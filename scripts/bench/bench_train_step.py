@@ -549,7 +549,7 @@ def fsdp_report(backbones, task, variant):
         raise SystemExit("--fsdp-report needs 8 devices (it sets the fake CPU devices itself when run directly)")
     print(f"{'backbone':<15}{'fsdp':>5}{'params MB/dev':>15}{'opt MB/dev':>12}{'total MB/dev':>14}")
     for bb in backbones:
-        cfg = _cfg(bb, task, variant)
+        cfg = _cfg(bb, task, variant, shape=RELEASED_SHAPES[bb] if variant == "default" else None)
         shape = tuple(cfg.data.shape) + (3,)
         for fsdp in (1, 8):
             mesh = M.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
