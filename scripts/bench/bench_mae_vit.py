@@ -27,73 +27,9 @@ import machine
 import numpy as np
 from flax import nnx
 from timing import interleaved_times, sample_times
+from torch_twins import IMG, C, random_state_dict, torch_encoder
 
 import converters.profound_mae as pm
-
-E, DEPTH, HEADS, MLP = 768, 12, 12, 3072
-DE, DDEPTH, DMLP = 384, 8, 1536
-PATCH, IMG, C = (16, 32, 32), (64, 256, 256), 3
-
-
-def random_state_dict(seed: int = 0, decoder_depth: int = DDEPTH) -> dict[str, np.ndarray]:
-    """Reference key names and shapes (mae_vit_base_patch16), random values of sensible scale."""
-    rng = np.random.default_rng(seed)
-    t1 = int(np.prod([i // p for i, p in zip(IMG, PATCH)])) + 1
-    pdim = int(np.prod(PATCH)) * C
-
-    def lin(o, i):
-        return (rng.standard_normal((o, i), np.float32) / np.sqrt(i)).astype(np.float32)
-
-    def vec(n, scale=0.1, mean=0.0):
-        return (mean + scale * rng.standard_normal(n)).astype(np.float32)
-
-    sd = {"cls_token": vec((1, 1, E), 0.5), "pos_embed": vec((1, t1, E), 0.5),
-          "patch_embed.proj.weight":
-              (rng.standard_normal((E, C, *PATCH), np.float32) / np.sqrt(pdim)).astype(np.float32),
-          "patch_embed.proj.bias": vec(E), "norm.weight": vec(E, 0.2, 1.0), "norm.bias": vec(E),
-          "decoder_embed.weight": lin(DE, E), "decoder_embed.bias": vec(DE), "mask_token": vec((1, 1, DE), 0.5),
-          "decoder_pos_embed": vec((1, t1, DE), 0.5), "decoder_norm.weight": vec(DE, 0.2, 1.0),
-          "decoder_norm.bias": vec(DE), "decoder_pred.weight": lin(pdim, DE), "decoder_pred.bias": vec(pdim)}
-    for prefix, n, d, m in (("blocks", DEPTH, E, MLP), ("decoder_blocks", decoder_depth, DE, DMLP)):
-        for i in range(n):
-            b = f"{prefix}.{i}."
-            sd.update({b + "norm1.weight": vec(d, 0.2, 1.0), b + "norm1.bias": vec(d),
-                       b + "attn.qkv.weight": lin(3 * d, d), b + "attn.qkv.bias": vec(3 * d),
-                       b + "attn.proj.weight": lin(d, d), b + "attn.proj.bias": vec(d),
-                       b + "norm2.weight": vec(d, 0.2, 1.0), b + "norm2.bias": vec(d),
-                       b + "mlp.fc1.weight": lin(m, d), b + "mlp.fc1.bias": vec(m),
-                       b + "mlp.fc2.weight": lin(d, m), b + "mlp.fc2.bias": vec(d)})
-    return sd
-
-
-def torch_encoder(sd):
-    """Compact PyTorch reference encoder (NCDHW input) holding the same weights."""
-    import torch
-    import torch.nn.functional as F
-
-    w = {k: torch.from_numpy(v) for k, v in sd.items()}
-
-    def ln(x, p):
-        return F.layer_norm(x, (x.shape[-1],), w[p + ".weight"], w[p + ".bias"], eps=1e-6)
-
-    def lin(x, p):
-        return F.linear(x, w[p + ".weight"], w[p + ".bias"])
-
-    def forward(x):
-        x = F.conv3d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=PATCH)
-        x = x.flatten(2).transpose(1, 2) + w["pos_embed"][:, 1:]
-        cls = (w["cls_token"] + w["pos_embed"][:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        n, t, _ = x.shape
-        for i in range(DEPTH):
-            b = f"blocks.{i}"
-            qkv = lin(ln(x, b + ".norm1"), b + ".attn.qkv").reshape(n, t, 3, HEADS, E // HEADS).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(n, t, E)
-            x = x + lin(a, b + ".attn.proj")
-            x = x + lin(F.gelu(lin(ln(x, b + ".norm2"), b + ".mlp.fc1")), b + ".mlp.fc2")
-        return ln(x, "norm")
-
-    return forward
 
 
 def _summary(times):

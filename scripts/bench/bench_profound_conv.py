@@ -21,67 +21,10 @@ import machine
 import numpy as np
 from flax import nnx
 from timing import sample_times
+from torch_twins import torch_convnext
 
 from vfm_align.models.convnext3d import ConvNeXt3DConfig
 from vfm_align.models.registry import build_model
-
-
-def torch_convnext(params, cfg):
-    """Compact torch ConvNeXt-V2 3D (upstream structure, channels-first) loaded from the NNX weights."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    def t(a):
-        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
-
-    def ln_cf(x, p):  # channels-first LN
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + cfg.ln_eps)
-        sh = (1, -1) + (1,) * (x.ndim - 2)
-        return p["scale"].view(sh) * x + p["bias"].view(sh)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            conv = lambda k: t(np.asarray(k).transpose(4, 3, 0, 1, 2))
-            self.stem = (conv(params["stem"]["kernel"]), t(params["stem"]["bias"]))
-            self.stem_norm = {k: t(v) for k, v in params["stem_norm"].items()}
-            self.downs = [(conv(params["downs"][i]["kernel"]), t(params["downs"][i]["bias"]),
-                           {k: t(v) for k, v in params["down_norms"][i].items()}) for i in range(3)]
-            self.blocks = []
-            for s, depth in enumerate(cfg.depths):
-                for b in range(depth):
-                    p = params["stages"][s][b]
-                    dw = t(np.asarray(p["dwconv_kernel"]).transpose(3, 0, 1, 2)[:, None])
-                    self.blocks.append((s, dw, t(p["dwconv_bias"]),
-                                        {k: t(v) for k, v in p["norm"].items()},
-                                        t(np.asarray(p["pwconv1"]["kernel"]).T), t(p["pwconv1"]["bias"]),
-                                        t(p["grn"]["gamma"]), t(p["grn"]["beta"]),
-                                        t(np.asarray(p["pwconv2"]["kernel"]).T), t(p["pwconv2"]["bias"])))
-            self.norm = {k: t(v) for k, v in params["norm"].items()}
-            self.mf = torch.contiguous_format
-
-        def forward(self, x):
-            x = F.conv3d(x, *self.stem, stride=4)
-            x = ln_cf(x, self.stem_norm).contiguous(memory_format=self.mf)
-            bi = 0
-            for s in range(4):
-                if s:
-                    w, bias, n = self.downs[s - 1]
-                    x = F.conv3d(ln_cf(x, n).contiguous(memory_format=self.mf), w, bias, stride=w.shape[-1])
-                while bi < len(self.blocks) and self.blocks[bi][0] == s:
-                    _, dw, dwb, n, w1, b1, gam, bet, w2, b2 = self.blocks[bi]
-                    y = F.conv3d(x, dw, dwb, padding=3, groups=x.shape[1]).permute(0, 2, 3, 4, 1)
-                    y = F.gelu(F.linear(F.layer_norm(y, (y.shape[-1],), n["scale"], n["bias"], cfg.ln_eps), w1, b1))
-                    gx = torch.norm(y, p=2, dim=(1, 2, 3), keepdim=True)
-                    y = gam * (y * (gx / (gx.mean(dim=-1, keepdim=True) + cfg.grn_eps))) + bet + y
-                    x = x + F.linear(y, w2, b2).permute(0, 4, 1, 2, 3)
-                    bi += 1
-            return F.layer_norm(x.mean((2, 3, 4)), (x.shape[1],), self.norm["scale"], self.norm["bias"], cfg.ln_eps)
-
-    return Net()
 
 
 def median_time(fn, reps):

@@ -30,111 +30,7 @@ import time
 import machine
 import numpy as np
 from timing import interleaved_times
-
-
-def _torch_model(depth: int, dim: int = 384, heads: int = 6, mlp: int = 1536, regs: int = 4, classes: int = 4):
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(dim, 3 * dim)
-            self.proj = nn.Linear(dim, dim)
-
-        def forward(self, x):
-            b, t, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c))
-
-    class LayerScale(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gamma = nn.Parameter(1 + 0.1 * torch.randn(dim))
-
-        def forward(self, x):
-            return x * self.gamma
-
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
-
-        def forward(self, x):
-            return self.fc2(F.gelu(self.fc1(x)))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attn(), LayerScale()
-            self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(), LayerScale()
-
-        def forward(self, x):
-            x = x + self.ls1(self.attn(self.norm1(x)))
-            return x + self.ls2(self.mlp(self.norm2(x)))
-
-    class PatchEmbed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Conv2d(3, dim, 14, 14)
-
-    class Backbone(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
-            self.register_tokens = nn.Parameter(0.02 * torch.randn(1, regs, dim))
-            self.mask_token = nn.Parameter(torch.zeros(1, dim))
-            self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + 37 * 37, dim))
-            self.patch_embed = PatchEmbed()
-            self.blocks = nn.ModuleList([Block() for _ in range(depth)])
-            self.norm = nn.LayerNorm(dim, eps=1e-6)
-
-    def up():
-        return nn.Upsample(scale_factor=2)
-
-    class Head(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.segmentation_conv = nn.Sequential(
-                up(), nn.Conv2d(dim, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
-                up(), nn.Conv2d(128, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                up(), nn.Conv2d(64, classes, 3, padding=1))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone, self.head = Backbone(), Head()
-            self.axis_pos, self.axis_max = nn.Linear(1, dim), nn.Linear(1, dim)
-
-        def tokens(self, x, pos):
-            bb = self.backbone
-            b, _, h, w = x.shape
-            p = bb.patch_embed.proj(x).flatten(2).transpose(1, 2)
-            g = h // 14
-            grid = bb.pos_embed[:, 1:].reshape(1, 37, 37, dim).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(g, g), mode="bicubic", antialias=True)
-            grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-            cls = bb.cls_token + bb.pos_embed[:, :1]
-            t = torch.cat([cls.expand(b, -1, -1), bb.register_tokens.expand(b, -1, -1),
-                           self.axis_pos(pos[:, 0:1])[:, None], self.axis_max(pos[:, 1:2])[:, None], p + grid], 1)
-            for blk in bb.blocks:
-                t = blk(t)
-            return bb.norm(t)
-
-        def forward(self, x, pos):
-            t = self.tokens(x, pos)[:, 7:]
-            g = x.shape[2] // 14
-            return self.head.segmentation_conv(t.transpose(1, 2).reshape(x.shape[0], dim, g, g))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return net
+from torch_twins import torch_provicnet
 
 
 def _fmt(ts: np.ndarray) -> str:
@@ -167,7 +63,7 @@ def main() -> None:
         layers.blocked_attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
 
     torch.set_num_threads(args.threads)
-    net = _torch_model(args.depth)
+    net = torch_provicnet(args.depth)
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     model, info = convert_state_dict(sd, num_heads=6)
     cfg = info["config"]

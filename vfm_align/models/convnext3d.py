@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vfm_align.models.layers import gelu, layer_norm
+from vfm_align.models.layers import RematBlock, gelu, layer_norm, run_block
 from vfm_align.models.ops3d import depthwise_conv3d, patch_conv3d, resolve_dwconv_impl
 from vfm_align.models.registry import register
 
@@ -69,7 +69,7 @@ class PatchConv(nnx.Module):
         return patch_conv3d(x, self.kernel[...], self.bias[...])
 
 
-class Block(nnx.Module):
+class Block(RematBlock, nnx.Module):
     def __init__(self, dim: int, cfg: ConvNeXt3DConfig, drop_path: float, *, rngs: nnx.Rngs):
         self.dwconv_kernel = _fan_in_normal(rngs, (7, 7, 7, dim), 343)
         self.dwconv_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
@@ -131,7 +131,7 @@ class ConvNeXt3D(nnx.Module):
             if keep is not None:
                 x = x * keep
             for b, blk in enumerate(self.stages[s]):
-                x = blk(x, keep)
+                x = run_block(blk, x, keep)
                 if blocks is not None:
                     blocks[f"stage{s}_block{b}"] = x
             outs.append(x)

@@ -17,6 +17,34 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+class RematBlock:
+    """Mixin of a backbone block that can be rematerialised: with ``remat`` set (by :func:`set_remat`), a
+    call through :func:`run_block` keeps only the block's input for the backward pass and recomputes its
+    activations there (``nnx.remat``), trading one more forward of the block for its activation memory."""
+
+    remat: bool = False
+
+
+def run_block(blk, *args):
+    """``blk(*args)``, under ``nnx.remat`` when the block's ``remat`` flag is set."""
+    if not getattr(blk, "remat", False):
+        return blk(*args)
+    # jax.checkpoint of a pure function of the block's state (blocks hold no mutable state in a forward);
+    # nnx.remat would write the state back, which fails for a model merged inside the train step's grad.
+    gdef, state = nnx.split(blk)
+    return jax.checkpoint(lambda st, *a: nnx.merge(gdef, st)(*a))(state, *args)
+
+
+def set_remat(model: nnx.Module, on: bool = True) -> int:
+    """Set ``remat`` on every :class:`RematBlock` inside ``model``; returns how many blocks were set."""
+    n = 0
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, RematBlock):
+            m.remat = on
+            n += 1
+    return n
+
+
 def layer_norm(dim: int, eps: float, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm over the last axis with torch semantics (two-pass variance, explicit eps)."""
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from vfm_align.errors import ConfigError, DataError
-from vfm_align.models.layers import Attention, Mlp, layer_norm
+from vfm_align.models.layers import Attention, Mlp, RematBlock, layer_norm, run_block
 from vfm_align.models.registry import register
 
 ARCH = "profound_mae_vit"
@@ -120,7 +120,7 @@ class FixedPosEmbed(nnx.Param):
     """
 
 
-class Block(nnx.Module):
+class Block(RematBlock, nnx.Module):
     """timm pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, eps: float, *, rngs: nnx.Rngs):
@@ -205,7 +205,7 @@ class MaeViT3d(nnx.Module):
         cls = jnp.broadcast_to(cls, (tokens.shape[0], 1, cls.shape[-1])).astype(tokens.dtype)
         x = jnp.concatenate([cls, tokens], axis=1)
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x)
             if hidden is not None:
                 hidden.append(x)
         return self.norm(x)

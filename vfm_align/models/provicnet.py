@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vfm_align.models.layers import Attention, Mlp, batch_norm, layer_norm
+from vfm_align.models.layers import Attention, Mlp, RematBlock, batch_norm, layer_norm, run_block
 from vfm_align.models.registry import register
 
 
@@ -165,7 +165,7 @@ class ContrastiveHead(nnx.Module):
         return self.last(x)
 
 
-class Block(nnx.Module):
+class Block(RematBlock, nnx.Module):
     """DINOv2 pre-norm block with LayerScale: x += ls1*attn(norm1 x); x += ls2*mlp(norm2 x)."""
 
     def __init__(self, cfg: ProViCNetConfig, *, rngs: nnx.Rngs):
@@ -260,7 +260,7 @@ class ProViCNet(nnx.Module):
         """
         def run(x):
             for blk in self.blocks:
-                x = blk(x)
+                x = run_block(blk, x)
             return x
 
         if self.deterministic and t.shape[0] > 1 and jax.default_backend() == "cpu" and jax.device_count() == 1:
@@ -301,7 +301,7 @@ class ProViCNet(nnx.Module):
         t = self._input_tokens(x, pos)
         hidden = []
         for blk in self.blocks:
-            t = blk(t)
+            t = run_block(blk, t)
             hidden.append(t)
         return hidden
 

@@ -27,6 +27,7 @@ from flax import nnx
 from vfm_align.data.tasks import get_task
 from vfm_align.errors import ConfigError
 from vfm_align.models.heads.restoration import RestorationDecoder
+from vfm_align.models.layers import set_remat
 from vfm_align.models.registry import build_model, register
 
 
@@ -66,15 +67,21 @@ def volume_to_slices(x: jax.Array, channel: int, window: int, size: int | None):
 
 
 class TaskModel(nnx.Module):
-    """``model(x) -> (out, aux)``; aux is None unless the head is deep-supervised."""
+    """``model(x) -> (out, aux)``; aux is None unless the head is deep-supervised.
+
+    ``remat``: rematerialise every backbone block in the backward pass (less activation memory, one
+    more forward of the backbone per step; the recipes' ``train.remat``).
+    """
 
     def __init__(self, backbone: nnx.Module, *, task: str, family: str, input_shape, num_outputs: int,
                  head_hidden: int = 32, feature_site: str | None = None, freeze_backbone: bool = False,
                  slice_channel: int = 0, slice_window: int = 3, slice_size: int | None = None,
-                 rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
         if family not in ("volume", "slices"):
             raise ConfigError(f"backbone family must be 'volume' or 'slices', got '{family}'")
         spec = get_task(task)
+        if remat and not set_remat(backbone):
+            raise ConfigError(f"remat: backbone {type(backbone).__name__} has no rematerialisable blocks")
         self.backbone = backbone
         self.kind = spec.head
         self.family = family

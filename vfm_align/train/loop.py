@@ -187,7 +187,8 @@ def build_task_model(cfg, input_shape):
                      num_outputs=int(cfg.task.num_outputs), head_hidden=int(m.head_hidden),
                      feature_site=m.get("feature_site") or None, freeze_backbone=bool(m.freeze_backbone),
                      slice_channel=int(m.slice_channel), slice_window=int(m.slice_window),
-                     slice_size=m.get("slice_size") or None, rngs=nnx.Rngs(cfg.run.seed + 1))
+                     slice_size=m.get("slice_size") or None, remat=bool(cfg.train.get("remat", False)),
+                     rngs=nnx.Rngs(cfg.run.seed + 1))
 
 
 class _Logger:

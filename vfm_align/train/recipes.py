@@ -73,9 +73,10 @@ def base_config(backbone: str, task: str, variant: str = "default") -> mlc.Confi
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 1e-4, min_lr=1e-6, warmup_steps=5 if tiny else 200,
                    weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8, layer_decay=1.0 if tiny else 0.75,
                    backbone_lr_mult=1.0, clip_norm=1.0, grad_accum=1)
+    # remat: rematerialise each backbone block in the backward pass (activation memory for compute).
     c.train = dict(steps=60 if tiny else 5000, batch_size=8, eval_every=20 if tiny else 250,
                    ckpt_every=20 if tiny else 250, log_every=10 if tiny else 50, augment=True,
-                   compute_dtype="float32", async_checkpoint=True)
+                   compute_dtype="float32", async_checkpoint=True, remat=False)
     # fsdp_min_size: weights smaller than this stay replicated.
     c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**10 if tiny else 2**16)
     c.align = dict(every=20 if tiny else 250, sites=b.sites, probe_cases=8 if tiny else 32,
