@@ -4,6 +4,7 @@
 fifteen per-(backbone, task) recipe files became ``configs/finetune.py``, written by the old files.
 """
 
+import copy
 import json
 import os
 import pathlib
@@ -32,7 +33,13 @@ def test_finetune_recipe_resolves_as_the_fifteen_files_did(backbone, variant):
         got = json.loads(load_config(f"configs/finetune.py:{arg}").to_json(sort_keys=True))
         # Added since, off by default: train.remat (rematerialised backbone blocks).
         assert got["train"].pop("remat") is False, arg
-        assert got == BEFORE[f"{backbone},{task},{variant}"], arg
+        want = copy.deepcopy(BEFORE[f"{backbone},{task},{variant}"])
+        if backbone == "profound_mae" and variant == "default":
+            # Fixed since: the released MAE-ViT's positional table is built for 64x256x256 volumes; the old
+            # 64x224x224 made every released MAE recipe stop at its first batch with a DataError.
+            assert want["data"]["shape"] == [64, 224, 224]
+            want["data"]["shape"] = [64, 256, 256]
+        assert got == want, arg
 
 
 def _renamed(old):

@@ -25,6 +25,7 @@ class Backbone(NamedTuple):
     released: dict
     tiny: dict
     sites: tuple[str, ...]
+    released_shape: tuple[int, int, int] = (64, 224, 224)  # the (D, H, W) volumes of the released recipes
 
 
 # ConvNeXt-V2 "tiny for CPU" sizes (reference: depths (3, 3, 9, 3), dims (96, 192, 384, 768)). The "lax"
@@ -37,7 +38,7 @@ BACKBONES = {
                              {"patch_size": (4, 8, 8), "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64,
                               "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2,
                               "decoder_mlp_dim": 32, "num_patches": 64, "img_size": (16, 32, 32)},
-                             ("pooled", "patch")),
+                             ("pooled", "patch"), (64, 256, 256)),  # the released MAE-ViT's positional table
     "provicnet": Backbone("provicnet", "slices", {"cl_out": 0},
                           {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
                            "mlp_hidden": 64, "pos_src_grid": 4, "head_channels": (8, 8), "cl_out": 0},
@@ -68,7 +69,7 @@ def base_config(backbone: str, task: str, variant: str = "default") -> mlc.Confi
                    slice_channel=0, slice_window=3, slice_size=0 if tiny else 448)
     c.task = dict(name=task, num_outputs=get_task(task).num_outputs, loss="")
     # root: a cohort manifest; cache: the preprocessing cache (default: beside the manifest).
-    c.data = dict(root="", cache="", shape=(16, 32, 32) if tiny else (64, 224, 224))
+    c.data = dict(root="", cache="", shape=(16, 32, 32) if tiny else b.released_shape)
     # AdamW + warmup/cosine, as ProFound's fine-tuning engines (reference-models.md 2.7).
     c.optim = dict(name="adamw", lr=1e-3 if tiny else 1e-4, min_lr=1e-6, warmup_steps=5 if tiny else 200,
                    weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8, layer_decay=1.0 if tiny else 0.75,
