@@ -72,7 +72,9 @@ class _LRU:
 
 
 _COMPILED = _LRU()
-_INITIAL = _LRU(8)
+# Host copies of whole train states (weights and Adam moments): a pair's groups run seed by seed, so the last few
+# are all a pair reuses, and at released sizes each one is gigabytes.
+_INITIAL = _LRU(3)
 
 
 def grid_task_model(name: str, backbone: nnx.Module, task: str, input_shape, cfg, seed: int) -> TaskModel:
