@@ -88,3 +88,13 @@ def pytest_terminal_summary(terminalreporter, config):
         ratio = err / scale if scale else float("inf")
         name = nodeid.split("::")[-1]
         tr.write_line(f"{ratio:9.2e}  bound {rel:7.1e}  abs {err:9.2e}  scale {scale:8.3g}  {name}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tier: every test marked ``slow`` is skipped unless VFM_ALIGN_SLOW=1 (run it with ``-m slow``)."""
+    if os.environ.get("VFM_ALIGN_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow tier; set VFM_ALIGN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
